@@ -1,0 +1,198 @@
+"""``mmlab`` command line: info | train-tiny | eval | sweep | collect | figures | reproduce."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _parse_params(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise SystemExit(f"error: method parameter {it!r} must look like name=value (e.g. keep_ratio=0.25)")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cmd_info(args) -> int:
+    import torch
+    import transformers
+
+    import mmlab
+    from mmlab.models import EMBEDDED
+    from mmlab.tiny.model import CHECKPOINT_DIR
+
+    print(f"mmlab {mmlab.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
+    print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
+    print(f"embedded models: {', '.join(EMBEDDED)}  (tiny checkpoints in {CHECKPOINT_DIR})")
+    print(f"methods: {', '.join(mmlab.methods.available())}")
+    if args.model:
+        b = mmlab.load(args.model)
+        print(f"{args.model}: kind={b.kind} layers={b.n_layers} dims={b.dims()} loaded in {b.load_seconds:.1f}s")
+    return 0
+
+
+def cmd_train_tiny(args) -> int:
+    from mmlab.tiny.train import train
+
+    from mmlab.tiny.model import CHECKPOINT_DIR
+
+    train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vision_steps=args.vision_steps, seed=args.seed,
+          out=args.out or CHECKPOINT_DIR / "tiny-llava")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import mmlab
+
+    b = mmlab.load(args.model)
+    methods = [mmlab.methods.get(args.method, **_parse_params(args.param))] if args.method else []
+    if b.kind == "causal_lm":
+        from mmlab.data.text import offline_corpus
+
+        r = mmlab.perplexity(b, offline_corpus(), methods, window=args.window, max_windows=args.n_samples)
+        print(json.dumps({"model": args.model, "methods": [str(m) for m in methods], "perplexity": r.perplexity,
+                          "tokens": r.n_tokens, "kv_bytes": r.kv_bytes}, indent=1))
+        return 0
+    samples = mmlab.data.shapes(n=args.n_samples, seed=args.seed, split="test")
+    r = mmlab.evaluate(b, samples, methods)
+    print(json.dumps({"model": args.model, "methods": [str(m) for m in methods], **r.metrics()}, indent=1))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from mmlab.batch import collect, load_sweep, run_sweep
+
+    sweep = load_sweep(args.yaml)  # every validation error surfaces here, before any run
+    counts = run_sweep(sweep, jobs=args.jobs, progress=not args.quiet)
+    print(f"sweep {sweep.name}: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} already done "
+          f"of {counts['total']} -> {sweep.output}")
+    if not args.no_collect:
+        collect(sweep.output)
+    return min(counts["failed"], 100)  # the exit code says how many runs failed
+
+
+def cmd_collect(args) -> int:
+    from mmlab.batch import collect
+
+    df = collect(args.run_dir)
+    n_ok = int((df.status == "ok").sum())
+    print(f"{len(df)} runs ({n_ok} ok) -> {args.run_dir}/results.csv, results.parquet")
+    return 0
+
+
+def cmd_figures(args) -> int:
+    from mmlab.report import build_figures, write_tables
+
+    for p in build_figures(args.runs, args.out) + write_tables(args.runs):
+        print(p)
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    """The main job on the embedded defaults: tiny-llava accuracy (+ random pruning) and SmolLM2 perplexity."""
+    import mmlab
+    from mmlab.data.text import corpus_id, offline_corpus
+
+    t0 = time.time()
+    b = mmlab.load("tiny-llava")
+    samples = mmlab.data.shapes(n=args.n_samples, seed=args.seed, split="test")
+    rows = []
+    for label, methods in [("dense", []), ("random keep 10%", [mmlab.methods.get("random", keep_ratio=0.1)])]:
+        r = mmlab.evaluate(b, samples, methods)
+        rows.append({"model": "tiny-llava", "setting": label, **r.metrics()})
+    s = mmlab.load("smollm2-135m")
+    p = mmlab.perplexity(s, offline_corpus(), window=512, max_windows=args.ppl_windows)
+    rows.append({"model": "smollm2-135m", "setting": f"{corpus_id()} ppl", "perplexity": p.perplexity,
+                 "tokens": p.n_tokens})
+    from pathlib import Path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        print(json.dumps(r))
+    (out / "foundation.json").write_text(json.dumps(rows, indent=1))
+
+    # every default sweep, then the figures and the result tables from their collected tables
+    from mmlab.batch import collect, load_sweep, run_sweep
+    from mmlab.report import build_figures, write_tables
+
+    failed = 0
+    sweeps = [load_sweep(p) for p in sorted(Path("sweeps").glob("*.yaml"))]  # all validated before any runs
+    for sw in sweeps:
+        counts = run_sweep(sw, jobs=args.jobs)
+        failed += counts["failed"]
+        collect(sw.output)
+    for p in build_figures() + write_tables():
+        print(p)
+    print(f"reproduce finished in {time.time() - t0:.0f} s ({failed} failed runs)")
+    return min(failed, 100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mmlab", description="mmlab: efficient multimodal LLM inference workbench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("info", help="versions, embedded models, registered methods")
+    p.add_argument("--model", help="also load this model and print its dimensions")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("train-tiny", help="train tiny-llava on the synthetic shapes data (CPU, minutes)")
+    p.add_argument("--steps", type=int, default=3500, help="stage-2 (VQA) steps")
+    p.add_argument("--vision-steps", type=int, default=1500, help="stage-1 (vision tower + patch probe) steps")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per stage-2 step (4 per image)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: the shipped checkpoint inside the package)")
+    p.set_defaults(fn=cmd_train_tiny)
+
+    p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")
+    p.add_argument("--model", default="tiny-llava")
+    p.add_argument("--method", help=f"a registered method name")
+    p.add_argument("--param", action="append", default=[], help="method parameter name=value (repeatable)")
+    p.add_argument("--n-samples", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=512, help="perplexity window (text LMs)")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("reproduce", help="the main job on the embedded defaults")
+    p.add_argument("--n-samples", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ppl-windows", type=int, default=16)
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("-j", "--jobs", type=int, default=2, help="parallel sweep runs")
+    p.set_defaults(fn=cmd_reproduce)
+
+    p = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill (resumable)")
+    p.add_argument("yaml", help="sweeps/NAME.yaml")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="parallel runs (each its own process and kernel)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-collect", action="store_true", help="do not write results.csv / .parquet at the end")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("collect", help="gather a sweep's runs into results.csv and results.parquet")
+    p.add_argument("run_dir", help="runs/NAME")
+    p.set_defaults(fn=cmd_collect)
+
+    p = sub.add_parser("figures", help="rebuild every report figure and result table from collected sweeps")
+    p.add_argument("--runs", default="runs")
+    p.add_argument("--out", default=None, help="figure folder (default figures/)")
+    p.set_defaults(fn=cmd_figures)
+
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:  # MethodError is a ValueError: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The engine: one explicit prefill / decode loop over Hugging Face decoder layers.
+
+    sample -> vision tower + projector -> image features       [stage image_features]
+           -> assemble inputs_embeds + modality map
+           -> for each decoder layer i:                          [stage before_layer(i)]
+                  run layer i on the live tokens (own positions, own KV length)
+           -> final norm + LM head                               [stage after_prefill(cache)]
+           -> greedy decode, one token at a time                 [stage decode_step]
+           -> Trace
+
+Tokens removed by a method are physically gone from every later layer (and from those
+layers' KV cache); nothing is masked. Positions are carried with the tokens, so a token
+keeps its RoPE position when others are dropped; decoding continues from the last
+prompt token's position + 1. One sample at a time (batch size 1).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from mmlab.methods.base import Method, MethodError
+from mmlab.trace import Trace
+
+
+class KVCache:
+    """Per-layer key/value tensors; each layer may hold a different number of tokens.
+
+    Implements the one method Hugging Face attention modules call (``update``), so the
+    stock decoder layers read and write it directly.
+    """
+
+    def __init__(self, n_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layers
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.keys[layer_idx] is None:
+            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def lengths(self) -> list[int]:
+        return [0 if k is None else int(k.shape[-2]) for k in self.keys]
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors actually held (a method may store compressed tensors)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+
+@dataclass
+class Tokens:
+    """The live prefill sequence: what the next decoder layer will see."""
+
+    hidden: torch.Tensor  # (1, n, d)
+    positions: torch.Tensor  # (1, n) or (3, 1, n) for M-RoPE; RoPE position of each token
+    source: torch.Tensor  # (n,) index of each token in the assembled prompt
+    is_image: torch.Tensor  # (n,) bool
+
+    def __len__(self) -> int:
+        return self.hidden.shape[1]
+
+    def keep(self, indices: torch.Tensor) -> None:
+        """Keep only ``indices`` (into the current sequence) from now on; order is preserved."""
+        idx = torch.as_tensor(indices, device=self.hidden.device).long().sort().values
+        if idx.numel() == 0 or idx[-1] >= len(self) or idx[0] < 0:
+            raise MethodError(f"keep(): indices must be a non-empty subset of 0..{len(self) - 1}")
+        self.hidden = self.hidden.index_select(1, idx)
+        self.positions = self.positions.index_select(-1, idx)
+        self.source = self.source.index_select(0, idx)
+        self.is_image = self.is_image.index_select(0, idx)
+
+
+@dataclass
+class Context:
+    """What methods see of the run (see ``mmlab.methods.base`` for the contract)."""
+
+    model_name: str
+    config: object  # the decoder's config
+    n_layers: int
+    has_image: bool
+    trace: Trace
+    sample_index: int = 0
+    n_image_tokens: int = 0
+    scratch: dict = field(default_factory=dict)
+    _layers: object = None
+    _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin)) kept on demand
+
+    def record_image_selection(self, image: int, kept: torch.Tensor, merged_into: torch.Tensor | None = None) -> None:
+        self.trace.image_kept[image] = kept.detach().cpu()
+        if merged_into is not None:
+            self.trace.image_merged_into[image] = merged_into.detach().cpu()
+
+    def attention(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Softmax attention probabilities ``(heads, q, k)`` of prefill layer ``layer``.
+
+        Recomputed for the requested query rows only, from the layer's input and its KV
+        cache: the model itself stays on SDPA. Available for the previous layer inside
+        ``before_layer`` and for layers listed in ``run(attention_layers=...)``.
+        """
+        if layer not in self._layer_inputs:
+            raise MethodError(f"attention of layer {layer} is not available here; "
+                              f"only the previous layer's (or layers requested with attention_layers=)")
+        hidden, (cos, sin), keys = self._layer_inputs[layer]
+        attn = self._layers[layer].self_attn
+        n = hidden.shape[1]
+        rows = torch.arange(n, device=hidden.device)[queries if queries is not None else slice(None)]
+        rows = rows.reshape(-1)
+        x = self._layers[layer].input_layernorm(hidden[:, rows])
+        q = attn.q_proj(x).view(1, rows.numel(), -1, attn.head_dim).transpose(1, 2)
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, _ = rope(q, q, cos[..., rows, :], sin[..., rows, :])
+        k = keys[:, :, :n]  # this layer's own prefill keys (already rotated)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        causal = torch.arange(n, device=hidden.device)[None, :] > rows[:, None]
+        scores = scores.masked_fill(causal, float("-inf"))
+        return scores.softmax(-1)[0]
+
+
+def _timed(totals: dict, key: str, fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    totals[key] = totals.get(key, 0.0) + (time.perf_counter() - t) * 1e3
+    return out
+
+
+def _call_layer(layer, hidden, positions, pe, cache, mask=None):
+    # M-RoPE positions (3, 1, n) live in ``pe`` only; the layer takes 1-D text positions
+    out = layer(hidden, attention_mask=mask, position_ids=positions if positions.dim() == 2 else None,
+                past_key_values=cache, use_cache=True, position_embeddings=pe)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class Prefill:
+    """A finished prefill: its Trace so far, the (possibly compressed) cache and where decoding resumes."""
+
+    trace: Trace
+    cache: KVCache
+    ctx: Context
+    logits: torch.Tensor  # (1 or L, vocab)
+    next_position: torch.Tensor  # RoPE position of the first generated token
+
+
+def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_layers=(), all_logits: bool = False,
+            sample_index: int = 0) -> Prefill:
+    """Vision tower, image-feature methods, the layer loop with ``before_layer``, then ``after_prefill``."""
+    methods = list(methods)
+    lm = bundle.decoder
+    layers = lm.layers
+    n_layers = len(layers)
+    inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
+    trace = Trace(methods=[str(m) for m in methods], dims=bundle.dims())
+    ctx = Context(bundle.name, lm.config, n_layers, inputs.pixel_values is not None, trace,
+                  sample_index=sample_index, _layers=layers)
+    bad = [a for a in attention_layers if not 0 <= a < n_layers]
+    if bad:
+        raise MethodError(f"attention_layers {bad} out of range; this model has layers 0..{n_layers - 1}")
+    for m in methods:
+        m.validate(ctx)
+    stage_ms: dict[str, float] = {}
+
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        feats = _timed(stage_ms, "vision_ms", bundle.image_features, inputs)
+        trace.n_image_tokens_in = sum(f.shape[0] for f in feats)
+        for m in methods:
+            feats = _timed(stage_ms, "method_ms", m.image_features, ctx, feats)
+        tokens = bundle.assemble(inputs, feats, trace)
+        ctx.n_image_tokens = int(tokens.is_image.sum())
+
+        cache = KVCache(n_layers)
+        for i, layer in enumerate(layers):
+            for m in methods:
+                _timed(stage_ms, "method_ms", m.before_layer, ctx, i, tokens)
+            ctx._layer_inputs.pop(i - 2, None)  # scores stay available one layer back only
+            trace.layer_tokens.append(tokens.source)
+            pe = lm.rotary_emb(tokens.hidden, tokens.positions)
+            hidden_in = tokens.hidden
+            tokens.hidden = _call_layer(layer, hidden_in, tokens.positions, pe, cache)
+            ctx._layer_inputs[i] = (hidden_in, pe, cache.keys[i])
+            if i in attention_layers:
+                trace.attentions[i] = ctx.attention(i).cpu()
+        h = lm.norm(tokens.hidden if all_logits else tokens.hidden[:, -1:])
+        logits = bundle.lm_head(h)[0].float()
+        ctx._layer_inputs.clear()
+        trace.kv_lengths_prefill = cache.lengths()
+        for m in methods:
+            _timed(stage_ms, "method_ms", m.after_prefill, ctx, cache)
+        trace.kv_lengths_final = cache.lengths()
+        trace.kv_bytes = cache.nbytes()
+        trace.timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+        trace.timings.update(stage_ms)
+        trace.logits = logits[-1].cpu()
+        if all_logits:
+            trace.all_logits = logits.cpu()
+    # decoding continues from the last prompt token's position, whatever was dropped before it
+    return Prefill(trace, cache, ctx, logits, tokens.positions[..., -1:] + 1)
+
+
+def run(bundle, sample, methods: list[Method] | tuple = (), *, max_new_tokens: int | None = None,
+        attention_layers: tuple[int, ...] | list[int] = (), all_logits: bool = False,
+        sample_index: int = 0) -> Trace:
+    """Prefill + greedy decode of one sample under ``methods``; returns the Trace."""
+    p = prefill(bundle, sample, methods, attention_layers=attention_layers, all_logits=all_logits,
+                sample_index=sample_index)
+    trace, cache, lm = p.trace, p.cache, bundle.decoder
+    max_new = bundle.max_new_tokens if max_new_tokens is None else max_new_tokens
+    next_pos, step_ms, ids = p.next_position, [], []
+    token = int(p.logits[-1].argmax())
+    with torch.inference_mode():
+        for step in range(max_new):
+            if token in bundle.stop_ids:
+                break
+            ids.append(token)
+            if step == max_new - 1:
+                break
+            t = time.perf_counter()
+            for m in methods:
+                m.decode_step(p.ctx, step, cache)
+            trace.decode_kv_lengths.append([n + 1 for n in cache.lengths()])
+            h = lm.embed_tokens(torch.tensor([[token]], device=next_pos.device))
+            pe = lm.rotary_emb(h, next_pos)
+            for layer in lm.layers:
+                h = _call_layer(layer, h, next_pos, pe, cache)
+            step_logits = bundle.lm_head(lm.norm(h))[0, -1].float()
+            trace.step_logits.append(step_logits.cpu())
+            token = int(step_logits.argmax())
+            next_pos = next_pos + 1
+            step_ms.append((time.perf_counter() - t) * 1e3)
+    trace.answer_ids = ids
+    trace.answer = bundle.decode(ids)
+    trace.kv_bytes_final = cache.nbytes()
+    if step_ms:
+        trace.timings["decode_ms_per_token"] = float(torch.tensor(step_ms).median())
+    return trace
+
+
+@torch.inference_mode()
+def extend(bundle, cache: KVCache, input_ids: torch.Tensor, start_position: torch.Tensor) -> torch.Tensor:
+    """Feed ``input_ids`` (1, q) after a (possibly compressed) cache; returns (q, vocab) logits.
+
+    Teacher-forced continuation for perplexity: each layer attends over its own cached
+    length plus the new tokens causally, with positions continuing from ``start_position``.
+    """
+    lm = bundle.decoder
+    q = input_ids.shape[1]
+    h = lm.embed_tokens(input_ids)
+    pos = start_position + torch.arange(q, device=h.device)
+    pe = lm.rotary_emb(h, pos)
+    for i, layer in enumerate(lm.layers):
+        past = cache.lengths()[i]
+        mask = torch.arange(past + q, device=h.device)[None, :] <= (past + torch.arange(q, device=h.device))[:, None]
+        h = _call_layer(layer, h, pos, pe, cache, mask[None, None])
+    return bundle.lm_head(lm.norm(h))[0].float()

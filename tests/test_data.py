@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+
+import mmlab
+from mmlab.data.shapes import QUESTION_TYPES, make_sample, patch_labels
+from mmlab.data.text import offline_corpus
+
+
+def test_shapes_deterministic_and_split_dependent():
+    a = mmlab.data.shapes(8, seed=3, split="test")
+    b = mmlab.data.shapes(8, seed=3, split="test")
+    c = mmlab.data.shapes(8, seed=3, split="train")
+    assert [s.question for s in a] == [s.question for s in b]
+    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
+    assert any(not np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, c))
+
+
+def test_question_types_balanced_and_answers_single_words():
+    s = mmlab.data.shapes(200, seed=0, split="test")
+    counts = {t: sum(x.qtype == t for x in s) for t in QUESTION_TYPES}
+    assert set(counts.values()) == {50}
+    assert all(len(x.answer.split()) == 1 for x in s)
+    yes = sum(x.answer == "yes" for x in s if x.qtype == "small")
+    assert 15 <= yes <= 35  # balanced yes / no
+    rel = [x.answer for x in s if x.qtype == "relation"]
+    assert 15 <= rel.count("left") <= 35
+
+
+def test_answers_agree_with_scene():
+    for i in range(40):
+        s = make_sample(i, seed=1, split="val")
+        if s.qtype == "count":
+            assert s.answer == ["zero", "one", "two", "three", "four"][len(s.objects)]
+        if s.qtype == "color":
+            shape = s.question.split()[-2]
+            assert s.answer == next(o.color for o in s.objects if o.shape == shape)
+
+
+def test_patch_labels_cover_objects():
+    s = make_sample(1, seed=0, split="train")
+    lab = patch_labels(s.objects)
+    assert lab["color"].shape == (144,)
+    assert lab["centre"].sum() == len(s.objects)
+    assert (lab["color"] > 0).sum() >= len(s.objects)
+
+
+def test_bad_split_and_n():
+    with pytest.raises(ValueError, match="unknown split"):
+        mmlab.data.shapes(4, split="dev")
+    with pytest.raises(ValueError, match="n must be"):
+        mmlab.data.shapes(0)
+
+
+def test_offline_corpus_is_real_text():
+    t = offline_corpus()
+    assert len(t) > 100_000
+    assert t == offline_corpus()
+    assert t.count(" the ") > 1000
