@@ -212,11 +212,11 @@ def run(bundle, sample, methods: list[Method] | tuple = (), *, max_new_tokens: i
                 sample_index=sample_index)
     trace, cache, lm = p.trace, p.cache, bundle.decoder
     max_new = bundle.max_new_tokens if max_new_tokens is None else max_new_tokens
-    next_pos, step_ms, ids = p.next_position, [], []
+    next_pos, step_ms, ids, stop = p.next_position, [], [], bundle.stop_ids
     token = int(p.logits[-1].argmax())
     with torch.inference_mode():
         for step in range(max_new):
-            if token in bundle.stop_ids:
+            if token in stop:
                 break
             ids.append(token)
             if step == max_new - 1:

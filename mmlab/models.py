@@ -316,12 +316,20 @@ def _load_hf(name: str) -> Bundle:
 
 def load(name: str) -> Bundle:
     """Load ``tiny-llava``, ``smollm2-135m``, or any supported Hugging Face id / local path."""
+    from transformers.utils import logging as hf_logging
+
     t0 = time.perf_counter()
-    if name.startswith("tiny-llava"):
-        b = _load_tiny(name)
-    elif name == "smollm2-135m":
-        b = _load_smollm2()
-    else:
-        b = _load_hf(name)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
+    try:
+        if name.startswith("tiny-llava"):
+            b = _load_tiny(name)
+        elif name == "smollm2-135m":
+            b = _load_smollm2()
+        else:
+            b = _load_hf(name)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     b.load_seconds = time.perf_counter() - t0
     return b

@@ -22,8 +22,8 @@ def test_question_types_balanced_and_answers_single_words():
     assert all(len(x.answer.split()) == 1 for x in s)
     yes = sum(x.answer == "yes" for x in s if x.qtype == "small")
     assert 15 <= yes <= 35  # balanced yes / no
-    rel = [x.answer for x in s if x.qtype == "relation"]
-    assert 15 <= rel.count("left") <= 35
+    side = [x.answer for x in s if x.qtype == "position"]
+    assert 15 <= side.count("left") <= 35
 
 
 def test_answers_agree_with_scene():
@@ -34,6 +34,9 @@ def test_answers_agree_with_scene():
         if s.qtype == "color":
             shape = s.question.split()[-2]
             assert s.answer == next(o.color for o in s.objects if o.shape == shape)
+        if s.qtype == "position":
+            obj = next(o for o in s.objects if o.color == s.question.split()[2])
+            assert s.answer == ("left" if obj.x < 48 else "right")
 
 
 def test_patch_labels_cover_objects():

@@ -11,7 +11,7 @@ def test_tiny_llava_has_learned_and_pruning_hurts(tiny):
     dense = mmlab.evaluate(tiny, samples, progress=False)
     pruned = mmlab.evaluate(tiny, samples, [mmlab.methods.get("random", keep_ratio=0.1)], progress=False)
     assert dense.accuracy >= 0.85, dense.by_type
-    assert set(dense.by_type) == {"color", "count", "relation", "small"}
+    assert set(dense.by_type) == {"color", "count", "position", "small"}
     assert pruned.accuracy <= dense.accuracy - 0.1, (dense.accuracy, pruned.accuracy)
     assert pruned.flops < dense.flops and pruned.kv_bytes < dense.kv_bytes
     assert len(dense.to_frame()) == 48 and "acc_count" in dense.metrics()

@@ -6,7 +6,7 @@ visual evidence, which is what makes token pruning measurable:
 
 - ``color``    "what color is the circle ?"           -> needs the tokens of one object
 - ``count``    "how many shapes are there ?"          -> needs every object
-- ``relation`` "is the circle left or right of the square ?" -> needs two objects' positions
+- ``position`` "is the red shape on the left or right ?"  -> needs one named object's position
 - ``small``    "is there a small red shape ?"         -> needs a one-patch object
 
 Answers are single words.
@@ -29,7 +29,7 @@ COLORS = {
     "purple": (150, 60, 200),
 }
 NUMBERS = ("zero", "one", "two", "three", "four")
-QUESTION_TYPES = ("color", "count", "relation", "small")
+QUESTION_TYPES = ("color", "count", "position", "small")
 SPLITS = {"train": 0, "val": 1, "test": 2}
 BIG = (22, 30)  # object diameter in pixels (a 96 px image has 8 px patches)
 SMALL = (8, 10)
@@ -112,13 +112,12 @@ def _question(rng: np.random.Generator, objs: list[Obj], qtype: str, want_yes: b
         return f"what color is the {o.shape} ?", o.color
     if qtype == "count":
         return "how many shapes are there ?", NUMBERS[len(objs)]
-    if qtype == "relation":
-        big = [o for o in objs if not o.small]
-        pairs = [(a, b) for a in big for b in big if a is not b and abs(a.x - b.x) >= 12]
-        if not pairs:
+    if qtype == "position":  # which half of the image a named (big, clearly off-centre) object is in
+        clear = [o for o in objs if not o.small and abs(o.x - IMAGE_SIZE // 2) >= 8]
+        if not clear:
             return None
-        a, b = pairs[int(rng.integers(len(pairs)))]
-        return f"is the {a.shape} left or right of the {b.shape} ?", "left" if a.x < b.x else "right"
+        o = clear[int(rng.integers(len(clear)))]
+        return f"is the {o.color} shape on the left or right ?", "left" if o.x < IMAGE_SIZE // 2 else "right"
     smalls = [o for o in objs if o.small]
     if want_yes:  # balanced yes / no: the coin is drawn once per sample, a scene without a small object is redrawn
         if not smalls:
@@ -191,6 +190,6 @@ def shapes(n: int = 200, seed: int = 0, split: str = "test") -> list[Sample]:
 def vocabulary() -> list[str]:
     """Every word a question or answer can contain (the tiny model's word-level vocabulary)."""
     words = {"what", "color", "is", "the", "how", "many", "shapes", "are", "there", "?", "left", "or",
-             "right", "of", "a", "small", "shape", "yes", "no"}
+             "right", "a", "small", "shape", "yes", "no", "on"}
     words |= set(SHAPES) | set(COLORS) | set(NUMBERS)
     return sorted(words)

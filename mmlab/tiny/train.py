@@ -141,7 +141,7 @@ def pretrain_vision(model, probe, steps: int, images_per_step: int, lr: float, s
         sched.step()
 
 
-def train(steps: int = 3500, batch_size: int = 32, lr: float = 1e-3, vision_steps: int = 1500, vision_lr: float = 1e-3, seed: int = 0, out: Path | str = CHECKPOINT_DIR / "tiny-llava",
+def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_steps: int = 1500, vision_lr: float = 1e-3, seed: int = 0, out: Path | str = CHECKPOINT_DIR / "tiny-llava",
           threads: int | None = None, log_every: int = 100, eval_every: int = 250,
           aux_weight: float = 1.0) -> Path:
     if threads:
@@ -161,7 +161,7 @@ def train(steps: int = 3500, batch_size: int = 32, lr: float = 1e-3, vision_step
     ema = None
     bar = tqdm(range(steps), desc="train-tiny (stage 2: VQA)", mininterval=5)
     for step in bar:
-        n = batch_size // 4  # images per step: each brings up to four questions
+        n = max(1, batch_size // 4)  # images per step: each brings up to four questions
         ids, labels, px, scenes, image_index = make_batch(tokenizer, range(step * n, (step + 1) * n), seed, n_img)
         lm_loss, aux = forward_loss(model, probe, ids, labels, px, scenes, aux_weight, image_index)
         loss = lm_loss + aux_weight * aux
