@@ -52,8 +52,8 @@ def cmd_train_tiny(args) -> int:
 def cmd_eval(args) -> int:
     import mmlab
 
+    methods = [mmlab.methods.get(args.method, **_parse_params(args.param))] if args.method else []  # fail fast
     b = mmlab.load(args.model)
-    methods = [mmlab.methods.get(args.method, **_parse_params(args.param))] if args.method else []
     if b.kind == "causal_lm":
         from mmlab.data.text import offline_corpus
 
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_info)
 
     p = sub.add_parser("train-tiny", help="train tiny-llava on the synthetic shapes data (CPU, minutes)")
-    p.add_argument("--steps", type=int, default=3500, help="stage-2 (VQA) steps")
+    p.add_argument("--steps", type=int, default=4000, help="stage-2 (VQA) steps")
     p.add_argument("--vision-steps", type=int, default=1500, help="stage-1 (vision tower + patch probe) steps")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per stage-2 step (4 per image)")
+    p.add_argument("--batch-size", type=int, default=32, help="about this many sequences per stage-2 step (up to 4 questions per image)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the shipped checkpoint inside the package)")

@@ -1,0 +1,239 @@
+"""Papermill sweeps: ``mmlab sweep sweeps/NAME.yaml`` and ``mmlab collect runs/NAME``.
+
+A sweep YAML names a notebook and a grid::
+
+    notebook: notebooks/01_token_pruning.ipynb
+    output: runs/token_pruning          # optional, default runs/NAME
+    grid: {method: [fastv, divprune], keep_ratio: [0.11, 0.22, 0.33]}   # cartesian product
+    parameters: {n_samples: 100}        # fixed for every run
+    timeout: 1800                       # optional, seconds per run
+
+Every run executes the notebook with papermill into ``RUN_ID.ipynb`` and writes
+``RUN_ID.json`` (parameters, metrics from ``mmlab.record``, git commit, timings, status).
+Files are written under a temporary name and renamed when complete, so a killed sweep
+leaves nothing that looks finished; a rerun skips runs whose JSON says ``ok`` and
+retries the rest. Each run is its own process with its own kernel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mmlab.figures import git_commit
+from mmlab.recording import ENV as RECORD_ENV
+
+
+class SweepError(ValueError):
+    """The sweep file is invalid; raised before any run starts."""
+
+
+@dataclass
+class Sweep:
+    name: str
+    notebook: Path
+    output: Path
+    grid: dict[str, list]
+    parameters: dict = field(default_factory=dict)
+    timeout: float = 1800.0
+
+    def runs(self) -> list[tuple[str, dict]]:
+        """(run id, full parameters) for every point of the grid, in grid order."""
+        keys = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            point = dict(zip(keys, values))
+            out.append((run_id(point), {**self.parameters, **point}))
+        return out
+
+
+def run_id(point: dict) -> str:
+    """Readable and stable: ``method=fastv_keep_ratio=0.11`` (hashed when very long)."""
+    text = "_".join(f"{k}={v}" for k, v in point.items()) or "default"
+    text = re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
+    if len(text) > 120:
+        text = text[:100] + "_" + hashlib.sha1(text.encode()).hexdigest()[:10]
+    return text
+
+
+def notebook_parameters(path: Path) -> dict:
+    """Names and defaults of the notebook's ``parameters`` cell (papermill's own parser)."""
+    import papermill
+
+    return {k: v.get("default") for k, v in papermill.inspect_notebook(str(path)).items()}
+
+
+def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
+    """Read and validate a sweep YAML; every problem is reported before any run starts."""
+    path, root = Path(path), Path(root)
+    if not path.exists():
+        raise SweepError(f"sweep file {path} not found")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(spec, dict):
+        raise SweepError(f"{path}: expected a mapping with keys notebook, grid, parameters, output, timeout")
+    unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout"}
+    if unknown:
+        raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; valid: notebook, grid, parameters, output, timeout")
+    if "notebook" not in spec:
+        raise SweepError(f"{path}: missing 'notebook:' (the .ipynb to run)")
+    nb = root / str(spec["notebook"])
+    if not nb.exists() or nb.suffix != ".ipynb":
+        raise SweepError(f"{path}: notebook {spec['notebook']!r} not found (give a .ipynb path relative to the project)")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise SweepError(f"{path}: 'grid' must map parameter names to lists of values, got {type(grid).__name__}")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise SweepError(f"{path}: grid entry {k!r} must be a non-empty list of values, got {v!r}")
+    params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise SweepError(f"{path}: 'parameters' must be a mapping of fixed values")
+    both = set(grid) & set(params)
+    if both:
+        raise SweepError(f"{path}: {sorted(both)} appear in both grid and parameters")
+    known = notebook_parameters(nb)
+    if not known:
+        raise SweepError(f"{path}: {spec['notebook']} has no cell tagged 'parameters'")
+    bad = sorted((set(grid) | set(params)) - set(known))
+    if bad:
+        raise SweepError(f"{path}: parameter(s) {bad} not in the parameters cell of {spec['notebook']}; "
+                         f"valid: {', '.join(sorted(known))}")
+    timeout = spec.get("timeout", 1800)
+    if not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise SweepError(f"{path}: timeout must be a positive number of seconds, got {timeout!r}")
+    name = path.stem
+    output = root / str(spec.get("output") or f"runs/{name}")
+    return Sweep(name, nb, output, grid, params, float(timeout))
+
+
+KERNEL = "mmlab-venv"
+
+
+def kernel_dir() -> Path:
+    """A kernelspec bound to *this* interpreter (the project's venv), found through JUPYTER_PATH,
+    so sweeps never pick up another environment's ``python3`` kernel and need no manual
+    ``jupyter kernelspec install``."""
+    d = Path(sys.prefix) / "share" / "mmlab-jupyter"
+    spec = d / "kernels" / KERNEL / "kernel.json"
+    want = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python (mmlab venv)", "language": "python"}
+    if not spec.exists() or json.loads(spec.read_text()) != want:
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        spec.write_text(json.dumps(want))
+    return d
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)  # atomic: the JSON either exists complete or not at all
+
+
+def is_finished(json_path: Path) -> bool:
+    try:
+        return json.loads(json_path.read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: float, commit: str,
+                sweep: str, threads: int | None = None) -> dict:
+    """Run one grid point in its own process (and kernel); returns the JSON it wrote."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    nb_partial = out_dir / f"{rid}.ipynb.partial"
+    metrics_path = out_dir / f"{rid}.metrics.partial"
+    metrics_path.unlink(missing_ok=True)
+    env = {**os.environ, RECORD_ENV: str(metrics_path.resolve()), "MMLAB_RUN_ID": rid, "MMLAB_SWEEP": sweep,
+           "JUPYTER_PATH": str(kernel_dir()) + os.pathsep + os.environ.get("JUPYTER_PATH", "")}
+    if threads:  # parallel kernels share the cores: oversubscribed OpenMP pools spin against each other
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(nb_partial), "-y", json.dumps(params),
+           "--kernel", KERNEL, "--cwd", str(notebook.parent), "--no-progress-bar", "--log-level", "ERROR"]
+    t0 = time.time()
+    status, error = "ok", None
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            status = "failed"
+            lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+            error = next((ln for ln in reversed(lines) if re.match(r"^\w*(Error|Exception)\b", ln.strip())),
+                         lines[-1] if lines else f"papermill exited {proc.returncode}")
+    except subprocess.TimeoutExpired:
+        status, error = "failed", f"timed out after {timeout:.0f} s"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics_path.unlink(missing_ok=True)
+    if nb_partial.exists():
+        nb_partial.replace(out_dir / f"{rid}.ipynb")
+    result = {"run_id": rid, "sweep": sweep, "status": status, "error": error, "parameters": params,
+              "metrics": metrics, "git_commit": commit, "notebook": str(notebook), "seconds": round(time.time() - t0, 2),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_json(out_dir / f"{rid}.json", result)
+    return result
+
+
+def run_sweep(sweep: Sweep, jobs: int = 1, progress: bool = True) -> dict:
+    """Execute every unfinished run; returns counts. Failures are recorded, the grid continues."""
+    from tqdm.auto import tqdm
+
+    sweep.output.mkdir(parents=True, exist_ok=True)
+    for stale in sweep.output.glob("*.partial"):  # left by a killed sweep: never counted as results
+        stale.unlink()
+    todo = [(rid, p) for rid, p in sweep.runs() if not is_finished(sweep.output / f"{rid}.json")]
+    total = len(sweep.runs())
+    counts = {"total": total, "skipped": total - len(todo), "ok": 0, "failed": 0}
+    commit = git_commit()
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs)) if jobs > 1 else None
+    bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="run", disable=not progress)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads only wait on run processes
+        futures = {pool.submit(execute_run, sweep.notebook, sweep.output, rid, p, sweep.timeout, commit,
+                               sweep.name, threads): rid for rid, p in todo}
+        for fut in as_completed(futures):
+            res = fut.result()
+            counts[res["status"]] += 1
+            if res["status"] != "ok":
+                bar.write(f"FAILED {res['run_id']}: {res['error']}")
+            bar.update(1)
+            bar.set_postfix(ok=counts["ok"], failed=counts["failed"])
+    bar.close()
+    return counts
+
+
+def collect(run_dir: str | Path):
+    """All ``RUN_ID.json`` of a sweep -> one tidy table (parameters + metrics, one row per run),
+    written to ``results.csv`` and ``results.parquet`` beside them."""
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SweepError(f"{run_dir} is not a directory of sweep runs")
+    rows = []
+    for p in sorted(run_dir.glob("*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if "run_id" not in r:
+            continue
+        rows.append({"run_id": r["run_id"], "status": r["status"], "error": r.get("error"),
+                     **r.get("parameters", {}), **r.get("metrics", {}), "seconds": r.get("seconds"),
+                     "git_commit": r.get("git_commit")})
+    if not rows:
+        raise SweepError(f"no run results (*.json) in {run_dir}")
+    df = pd.DataFrame(rows)
+    df.to_csv(run_dir / "results.csv", index=False)
+    df.to_parquet(run_dir / "results.parquet", index=False)
+    return df

@@ -1,0 +1,105 @@
+"""The sweep runner: validation before any run, failures recorded, resumable after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from mmlab.batch import SweepError, collect, load_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = "tests/fixtures/grid.ipynb"
+
+
+def write_sweep(tmp_path, **spec):
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump({"notebook": FIXTURE, "output": str(tmp_path / "runs"), **spec}))
+    return p
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"notebook": "notebooks/missing.ipynb", "grid": {"x": [1]}}, "not found"),
+    ({"grid": {"nope": [1, 2]}}, r"parameter\(s\) \['nope'\] not in the parameters cell .* valid: fail_on, n_samples"),
+    ({"grid": {"x": 3}}, "must be a non-empty list"),
+    ({"grid": [1, 2]}, "'grid' must map parameter names"),
+    ({"grid": {"x": [1]}, "parameters": {"x": 2}}, "appear in both grid and parameters"),
+    ({"grid": {"x": [1]}, "colour": 1}, "unknown key"),
+])
+def test_invalid_sweeps_rejected_before_running(tmp_path, spec, message):
+    p = write_sweep(tmp_path, **{k: v for k, v in spec.items()})
+    with pytest.raises(SweepError, match=message):
+        load_sweep(p, root=ROOT)
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_malformed_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("notebook: [unclosed\n")
+    with pytest.raises(SweepError, match="not valid YAML"):
+        load_sweep(p, root=ROOT)
+
+
+def test_cli_rejects_invalid_sweep_in_one_line(tmp_path):
+    p = write_sweep(tmp_path, grid={"nope": [1]})
+    out = subprocess.run([sys.executable, "-m", "mmlab.cli", "sweep", str(p)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "not in the parameters cell" in out.stderr
+
+
+def test_failing_run_recorded_and_others_finish(tmp_path):
+    p = write_sweep(tmp_path, grid={"x": [1, 2, 3]}, parameters={"fail_on": 2})
+    sweep = load_sweep(p, root=ROOT)
+    counts = run_sweep(sweep, jobs=2, progress=False)
+    assert counts == {"total": 3, "skipped": 0, "ok": 2, "failed": 1}
+    bad = json.loads((tmp_path / "runs" / "x=2.json").read_text())
+    assert bad["status"] == "failed" and "deliberate failure at x=2" in bad["error"]
+    good = json.loads((tmp_path / "runs" / "x=3.json").read_text())
+    assert good["metrics"]["product"] == 3 and good["git_commit"]
+    assert (tmp_path / "runs" / "x=3.ipynb").exists()
+    df = collect(tmp_path / "runs")
+    assert sorted(df.status) == ["failed", "ok", "ok"]
+    assert (tmp_path / "runs" / "results.parquet").exists()
+
+
+def test_sweep_killed_midway_resumes_exactly_once(tmp_path):
+    """12 runs with -j 2; SIGKILL the whole sweep (runner, workers, kernels) mid-way; rerun."""
+    p = write_sweep(tmp_path, grid={"x": [1, 2, 3, 4], "y": [1, 2, 3]}, parameters={"sleep": 0.5})
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "mmlab.cli", "sweep", str(p), "-j", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(runs.glob("*.json"))) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {q.name for q in runs.glob("*.json")}
+    assert 3 <= len(done_before) < 12, "the kill should land mid-sweep"
+    for q in runs.glob("*.json"):  # whatever exists is complete
+        assert json.loads(q.read_text())["status"] == "ok"
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"{len(done_before)} already done" in again.stdout
+    df = pd.read_csv(runs / "results.csv")
+    assert len(df) == 12 and df.run_id.is_unique and set(df.status) == {"ok"}
+    assert sorted(zip(df.x, df.y)) == [(x, y) for x in range(1, 5) for y in range(1, 4)]
+    assert (df["product"] == df.x * df.y).all()
+    assert not list(runs.glob("*.partial"))
+
+
+def test_record_outside_a_sweep_and_bad_values(monkeypatch, tmp_path):
+    import mmlab
+
+    monkeypatch.delenv("MMLAB_RECORD_PATH", raising=False)
+    assert mmlab.record(accuracy=0.5)["accuracy"] == 0.5
+    with pytest.raises(TypeError, match="must be a number"):
+        mmlab.record(table=[1, 2])
+    monkeypatch.setenv("MMLAB_RECORD_PATH", str(tmp_path / "m.json"))
+    mmlab.record(tflops=1.5)
+    assert json.loads((tmp_path / "m.json").read_text())["tflops"] == 1.5
