@@ -1,9 +1,10 @@
 """Train tiny-llava on the synthetic shapes data (``mmlab train-tiny``).
 
-Next-token loss on the answer word and the end-of-sequence token, plus an auxiliary
-per-patch loss (``PatchProbe``, discarded after training); fresh
-samples every step from the ``train`` split (the ``test`` split's random stream is never
-touched). Sized to finish in well under 20 minutes on 2 CPU cores.
+Stage 1 (``pretrain_vision``): ViT + projector learn per-patch properties through the
+probe heads. Stage 2: next-token loss on the answer word and end-of-sequence token for
+every question type a scene can host, plus the probe loss. The probe heads are discarded.
+Fresh scenes every step from the training stream (the ``test`` split's random stream is
+never touched). Measured: 18 min 16 s on 2 CPU cores with the defaults.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def pretrain_vision(model, probe, steps: int, images_per_step: int, lr: float, s
         sched.step()
 
 
-def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_steps: int = 1500, vision_lr: float = 1e-3, seed: int = 0, out: Path | str = CHECKPOINT_DIR / "tiny-llava",
+def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_steps: int = 1500,
+          vision_lr: float = 1e-3, seed: int = 0, out: Path | str = CHECKPOINT_DIR / "tiny-llava",
           threads: int | None = None, log_every: int = 100, eval_every: int = 250,
           aux_weight: float = 1.0) -> Path:
     if threads:
