@@ -47,7 +47,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 4, hi
     )
     cfg = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-1,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, tie_word_embeddings=False,
     )
     cfg._attn_implementation = "sdpa"

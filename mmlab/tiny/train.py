@@ -4,7 +4,7 @@ Stage 1 (``pretrain_vision``): ViT + projector learn per-patch properties throug
 probe heads. Stage 2: next-token loss on the answer word and end-of-sequence token for
 every question type a scene can host, plus the probe loss. The probe heads are discarded.
 Fresh scenes every step from the training stream (the ``test`` split's random stream is
-never touched). Measured: 18 min 16 s on 2 CPU cores with the defaults.
+never touched). Measured: 18 min 00 s on 2 CPU cores with the defaults.
 """
 
 from __future__ import annotations
