@@ -25,9 +25,7 @@ def median_ms(fn, repeats):
 
 
 def compare(bundle, inputs: Inputs, repeats: int):
-    kw = dict(inputs.extra)
-    if inputs.pixel_values is not None:
-        kw["pixel_values"] = inputs.pixel_values
+    kw = inputs.model_kwargs()
 
     @torch.inference_mode()
     def hf():

@@ -34,6 +34,13 @@ class Inputs:
     extra: dict[str, Any] = field(default_factory=dict)  # image_sizes / image_grid_thw / ...
     images: list = field(default_factory=list)  # PIL images, for drawing
 
+    def model_kwargs(self) -> dict:
+        """What the stock ``model(...)`` / ``generate(...)`` takes besides ``input_ids``."""
+        kw = dict(self.extra)
+        if self.pixel_values is not None:
+            kw["pixel_values"] = self.pixel_values
+        return kw
+
 
 @dataclass
 class Bundle:
@@ -216,17 +223,12 @@ class Bundle:
     def reference_logits(self, sample) -> torch.Tensor:
         """Last-token logits of the stock ``transformers`` forward on the same prompt."""
         inp = self.encode(sample)
-        kw = dict(inp.extra)
-        if inp.pixel_values is not None:
-            kw["pixel_values"] = inp.pixel_values
-        return self.model(input_ids=inp.input_ids, **kw).logits[0, -1].float()
+        return self.model(input_ids=inp.input_ids, **inp.model_kwargs()).logits[0, -1].float()
 
     @torch.inference_mode()
     def reference_generate(self, sample, max_new_tokens: int | None = None) -> str:
         inp = self.encode(sample)
-        kw = dict(inp.extra)
-        if inp.pixel_values is not None:
-            kw["pixel_values"] = inp.pixel_values
+        kw = inp.model_kwargs()
         n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         out = self.model.generate(input_ids=inp.input_ids, attention_mask=torch.ones_like(inp.input_ids), **kw,
                                   max_new_tokens=n, do_sample=False, eos_token_id=sorted(self.stop_ids),

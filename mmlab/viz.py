@@ -23,12 +23,9 @@ def _image_positions(trace: Trace, image: int) -> torch.Tensor:
 def token_status(trace: Trace, layer: int = 0, image: int = 0) -> np.ndarray:
     """Per visual token of ``image`` (grid order): 1 = present at ``layer``, 0 = removed,
     2 = absorbed by a merge (its slot survives in another token)."""
-    n = int((trace.modality == image).sum()) if image in trace.image_kept else None
-    grid = trace.image_grid
-    total = grid[0] * grid[1] if grid else (n or 0)
-    status = np.zeros(total)
-    kept = trace.image_kept.get(image, torch.arange(total))
     src = _image_positions(trace, image)
+    status = np.zeros(src.numel())
+    kept = trace.image_kept.get(image, torch.arange(src.numel()))
     present = set(trace.layer_tokens[layer].tolist()) if trace.layer_tokens else set(src.tolist())
     for k in kept.tolist():
         if int(src[0]) + k in present:

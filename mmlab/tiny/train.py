@@ -17,8 +17,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, patch_labels, scene_with_questions
+from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, make_sample, patch_labels, scene_with_questions
 from mmlab.tiny.model import CHECKPOINT_DIR, PATCH, build_model, build_tokenizer, pixel_values, prompt_text
+
+
+def encode_qa(tokenizer, pairs, n_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(question, answer) pairs -> input ids and labels (loss on the answer + ``</s>`` only)."""
+    ids, labels = [], []
+    for q, a in pairs:
+        p = tokenizer(prompt_text(q, n_image_tokens), add_special_tokens=False).input_ids
+        t = tokenizer(f"{a} </s>", add_special_tokens=False).input_ids
+        ids.append(p + t)
+        labels.append([-100] * len(p) + t)
+    width = max(map(len, ids))
+    # right padding after the answer: causal attention means pads never affect the scored tokens
+    ids = [x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids]
+    labels = [x + [-100] * (width - len(x)) for x in labels]
+    return torch.tensor(ids), torch.tensor(labels)
 
 
 def make_batch(tokenizer, indices, seed: int, n_image_tokens: int):
@@ -28,41 +43,19 @@ def make_batch(tokenizer, indices, seed: int, n_image_tokens: int):
     four supervised answers cost about one image's vision compute.
     """
     scenes = [scene_with_questions(i, seed, "train") for i in indices]
-    ids, labels, image_index = [], [], []
-    for k, (_, _, qas) in enumerate(scenes):
-        for q, a, _ in qas:
-            p = tokenizer(prompt_text(q, n_image_tokens), add_special_tokens=False).input_ids
-            t = tokenizer(f"{a} </s>", add_special_tokens=False).input_ids
-            ids.append(p + t)
-            labels.append([-100] * len(p) + t)
-            image_index.append(k)
-    width = max(map(len, ids))
-    # right padding after the answer: causal attention means pads never affect the scored tokens
-    ids = [x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids]
-    labels = [x + [-100] * (width - len(x)) for x in labels]
-    return (torch.tensor(ids), torch.tensor(labels), pixel_values([im for im, _, _ in scenes]),
-            [o for _, o, _ in scenes], torch.tensor(image_index))
-
-
-def make_batch_from(tokenizer, samples, n_image_tokens: int):
-    ids, labels = [], []
-    for s in samples:
-        p = tokenizer(prompt_text(s.question, n_image_tokens), add_special_tokens=False).input_ids
-        a = tokenizer(f"{s.answer} </s>", add_special_tokens=False).input_ids
-        ids.append(p + a)
-        labels.append([-100] * len(p) + a)
-    width = max(map(len, ids))
-    # right padding after the answer: causal attention means pads never affect the scored tokens
-    ids = [x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids]
-    labels = [x + [-100] * (width - len(x)) for x in labels]
-    return torch.tensor(ids), torch.tensor(labels), pixel_values([s.image for s in samples])
+    pairs = [(q, a) for _, _, qas in scenes for q, a, _ in qas]
+    image_index = [k for k, (_, _, qas) in enumerate(scenes) for _ in qas]
+    ids, labels = encode_qa(tokenizer, pairs, n_image_tokens)
+    return (ids, labels, pixel_values([im for im, _, _ in scenes]), [o for _, o, _ in scenes],
+            torch.tensor(image_index))
 
 
 class PatchProbe(torch.nn.Module):
     """Auxiliary heads on the projected visual tokens: colour, shape, size and column of the
-    object part in each patch, and object centres. A dense training signal (144 labels per image instead of one answer) that makes
-    the from-scratch ViT learn object features quickly; discarded after training, so the
-    shipped model is a stock LlavaForConditionalGeneration."""
+    object part in each patch, and object centres. A dense training signal (144 labels per
+    image instead of one answer) that makes the from-scratch ViT learn object features
+    quickly; discarded after training, so the shipped model is a stock
+    LlavaForConditionalGeneration."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -99,13 +92,11 @@ def forward_loss(model, probe, ids, labels, px, scenes, aux_weight: float, image
 @torch.no_grad()
 def quick_accuracy(model, tokenizer, n: int = 256, seed: int = 0) -> dict[str, float]:
     """Teacher-forced accuracy of the answer word on the ``val`` split (a training-time monitor)."""
-    from mmlab.data.shapes import make_sample as ms
-
     was_training = model.training
     model.eval()
-    samples = [ms(i, seed, "val") for i in range(n)]
-    ids, labels, px = make_batch_from(tokenizer, samples, model.config.image_seq_length)
-    logits = model(input_ids=ids, pixel_values=px).logits
+    samples = [make_sample(i, seed, "val") for i in range(n)]
+    ids, labels = encode_qa(tokenizer, [(s.question, s.answer) for s in samples], model.config.image_seq_length)
+    logits = model(input_ids=ids, pixel_values=pixel_values([s.image for s in samples])).logits
     pos = (labels != -100).float().argmax(1)  # first scored position = the answer word
     pred = logits[torch.arange(n), pos - 1].argmax(-1)
     ok = (pred == ids[torch.arange(n), pos]).tolist()
@@ -124,9 +115,8 @@ def image_features(model, px):
 
 
 def pretrain_vision(model, probe, steps: int, images_per_step: int, lr: float, seed: int) -> None:
-    """Stage 1: ViT + projector learn colour / shape / object centres per patch (the patch
-    probe's dense loss), standing in for the pretrained CLIP encoder LLaVA starts from.
-    Without it the ViT had not told shapes apart (patch shape accuracy at chance) after
+    """Stage 1: ViT + projector learn the probe's per-patch targets (its dense loss),
+    standing in for the pretrained CLIP encoder LLaVA starts from. Without it the ViT had not told shapes apart (patch shape accuracy at chance) after
     1000 joint steps, and every shape-keyed question stayed at chance."""
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *probe.parameters()]
