@@ -87,6 +87,7 @@ class Context:
     trace: Trace
     sample_index: int = 0
     n_image_tokens: int = 0
+    image_grid: tuple[int, int] | None = None  # (rows, cols) of one image's tokens, where they form a grid
     scratch: dict = field(default_factory=dict)
     _layers: object = None
     _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin)) kept on demand
@@ -96,8 +97,8 @@ class Context:
         if merged_into is not None:
             self.trace.image_merged_into[image] = merged_into.detach().cpu()
 
-    def attention(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Softmax attention probabilities ``(heads, q, k)`` of prefill layer ``layer``.
+    def attention_logits(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Pre-softmax attention scores ``(heads, q, k)`` of prefill layer ``layer`` (causal: -inf).
 
         Recomputed for the requested query rows only, from the layer's input and its KV
         cache: the model itself stays on SDPA. Available for the previous layer inside
@@ -119,8 +120,11 @@ class Context:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
         causal = torch.arange(n, device=hidden.device)[None, :] > rows[:, None]
-        scores = scores.masked_fill(causal, float("-inf"))
-        return scores.softmax(-1)[0]
+        return scores.masked_fill(causal, float("-inf"))[0]
+
+    def attention(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Softmax attention probabilities ``(heads, q, k)`` of prefill layer ``layer`` (see ``attention_logits``)."""
+        return self.attention_logits(layer, queries).softmax(-1)
 
 
 def _timed(totals: dict, key: str, fn, *args):
@@ -162,6 +166,7 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
     bad = [a for a in attention_layers if not 0 <= a < n_layers]
     if bad:
         raise MethodError(f"attention_layers {bad} out of range; this model has layers 0..{n_layers - 1}")
+    ctx.image_grid = trace.image_grid = bundle.image_grid(inputs) if ctx.has_image else None
     for m in methods:
         m.validate(ctx)
     stage_ms: dict[str, float] = {}

@@ -11,6 +11,11 @@ TOL = 1e-4
 # every registered method at its keep-everything setting (adding a method = adding a line here)
 NOOP = {
     "random": {"keep_ratio": 1.0},
+    "pool": {"keep_ratio": 1.0},
+    "divprune": {"keep_ratio": 1.0},
+    "fastv": {"keep_ratio": 1.0},
+    "pdrop": {"ratio": 1.0},
+    "aim": {"keep_ratio": 1.0, "prune_from": 1.0, "prune_to": 2.0},
 }
 
 
@@ -52,6 +57,12 @@ def test_random_architectures_match_transformers(arch, random_bundles, test_samp
     _check(b, test_samples[0] if b.multimodal else "what color is the circle ?")
 
 
+IMAGE_METHODS = [n for n in sorted(NOOP) if mmlab.methods.get(n).needs_image]
+
+
 @pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_vl"])
-def test_random_multimodal_keep_everything(arch, random_bundles, test_samples):
-    _check(random_bundles[arch], test_samples[1], [mmlab.methods.get("random", keep_ratio=1.0)])
+@pytest.mark.parametrize("name", IMAGE_METHODS)
+def test_random_multimodal_keep_everything(arch, name, random_bundles, test_samples):
+    if name == "pool" and arch == "llava_next":
+        pytest.skip("LLaVA-NeXT tiles have no single token grid; pool refuses it (tested in test_token_pruning)")
+    _check(random_bundles[arch], test_samples[1], [mmlab.methods.get(name, **NOOP[name])])

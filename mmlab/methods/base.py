@@ -24,7 +24,12 @@ Stages, in the order the engine calls them (see ``mmlab/engine.py``):
     Called before each generated token is processed.
 
 ``ctx`` offers: ``n_layers``, ``config`` (the text config), ``n_image_tokens`` (after
-image-feature methods), ``trace``, ``scratch`` (dict), ``attention(layer, queries)``.
+image-feature methods), ``image_grid`` ((rows, cols) of one image's tokens, or None),
+``trace``, ``scratch`` (dict), ``attention(layer, queries)`` and ``attention_logits``
+(pre-softmax, causal entries -inf).
+
+Batch size is 1: the engine runs one sample at a time, so every method selects per
+sample (pruned sequences of different lengths are never padded into a batch).
 Methods import only this module and torch; they never import the engine or models.
 """
 

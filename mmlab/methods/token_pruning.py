@@ -1,12 +1,27 @@
-"""Visual-token pruning before the LLM. The family grows in its own issue (FastV, DivPrune, AIM)."""
+"""Visual-token pruning and merging: before the LLM (random, pool, DivPrune, AIM's merge)
+and inside it (FastV, PyramidDrop, AIM's progressive pruning).
+
+Position conventions (what each paper's code does):
+
+* before the LLM, the shortened image span is concatenated into the prompt, so 1-D RoPE
+  models renumber positions 0..n-1 (LLaVA's own code path); M-RoPE models (Qwen2-VL)
+  keep each kept or representative token's original (t, h, w) position;
+* inside the LLM, tokens keep the positions they entered the LLM with (FastV's
+  implementation keeps the original position ids); decoding continues at last + 1.
+
+A merge records, per image, the representative token of every output slot (its
+position is used) and, for every original token, the slot it went into.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from mmlab.methods.base import Method, check_ratio, keep_count, register
+from mmlab.methods.base import Method, MethodError, check_ratio, keep_count, register
 
 
 @register
@@ -15,7 +30,7 @@ class RandomPrune(Method):
     """Random visual-token pruning: the baseline every pruning paper reports.
 
     Rule: keep a uniformly random ``keep_ratio`` subset of each image's projected tokens
-    (spatial order preserved), drop the rest before the LLM; positions are renumbered.
+    (spatial order preserved), drop the rest before the LLM.
     """
 
     name = "random"
@@ -37,3 +52,301 @@ class RandomPrune(Method):
             ctx.record_image_selection(i, kept)
             out.append(f.index_select(0, kept))
         return out
+
+
+def pool_shape(rows: int, cols: int, k: int) -> tuple[int, int]:
+    """Output grid (h, w) for pooling a rows x cols grid to about ``k`` tokens: the most square
+    windows among the shapes within 10% (at least 1) of ``k`` tokens."""
+    tol = max(1, int(0.1 * k))
+    best = None
+    for h in range(1, rows + 1):
+        for w in range(1, cols + 1):
+            if abs(h * w - k) > tol:
+                continue
+            # window aspect (rows/h : cols/w) closest to square, then closest count
+            key = (abs(math.log((rows / h) / (cols / w))), abs(h * w - k))
+            if best is None or key < best[0]:
+                best = (key, (h, w))
+    if best is None:  # k tokens cannot be laid out on this grid within tolerance: nearest count
+        h = max(1, min(rows, round(math.sqrt(k * rows / cols))))
+        return h, max(1, min(cols, round(k / h)))
+    return best[1]
+
+
+@register
+@dataclass
+class Pool(Method):
+    """Spatial average pooling of the visual-token grid (the resolution-reduction baseline).
+
+    Rule: partition each image's rows x cols token grid into h x w contiguous windows
+    (h * w ~ ``keep_ratio`` of the tokens, windows as square as possible) and replace each
+    window by the mean of its tokens, before the LLM.
+    """
+
+    name = "pool"
+    family = "token_pruning"
+    needs_image = True
+    keep_ratio: float = 0.25
+
+    def validate(self, ctx) -> None:
+        check_ratio(self.name, self.keep_ratio)
+        super().validate(ctx)
+        if ctx.image_grid is None:
+            raise MethodError(f"pool needs a 2-D visual-token grid, and {ctx.model_name!r} has none "
+                              f"(e.g. LLaVA-NeXT tiles with newline tokens); use divprune or random")
+
+    def image_features(self, ctx, feats):
+        rows, cols = ctx.image_grid
+        out = []
+        for i, f in enumerate(feats):
+            if f.shape[0] != rows * cols:
+                raise MethodError(f"pool: image {i} has {f.shape[0]} tokens, not the {rows}x{cols} grid of image 0")
+            h, w = pool_shape(rows, cols, keep_count(f.shape[0], self.keep_ratio))
+            # contiguous, non-overlapping windows: row r goes to window row floor(r * h / rows)
+            win_r = torch.arange(rows, device=f.device) * h // rows
+            win_c = torch.arange(cols, device=f.device) * w // cols
+            slot = (win_r[:, None] * w + win_c[None, :]).flatten()  # (rows*cols,) window of each token
+            sums = torch.zeros(h * w, f.shape[1], dtype=torch.float32, device=f.device).index_add_(0, slot, f.float())
+            counts = torch.bincount(slot, minlength=h * w).clamp(min=1)
+            pooled = (sums / counts[:, None]).to(f.dtype)
+            # representative of a window: its token nearest the window's centre (positions for M-RoPE)
+            cr = ((torch.arange(h) + 0.5) * rows / h).floor().long().clamp(max=rows - 1)
+            cc = ((torch.arange(w) + 0.5) * cols / w).floor().long().clamp(max=cols - 1)
+            rep = (cr[:, None] * cols + cc[None, :]).flatten().to(f.device)
+            ctx.record_image_selection(i, rep, merged_into=slot)
+            out.append(pooled)
+        return out
+
+
+def divprune_select(feats: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy Max-Min diversity subset of ``k`` rows of ``feats`` (distance 1 - cosine), in pick order.
+
+    First pick: the token whose nearest other token is farthest; then, repeatedly, the token
+    whose minimum distance to the picked set is largest (DivPrune, Alg. 1).
+    """
+    x = F.normalize(feats.float(), dim=-1)
+    dist = 1.0 - x @ x.T
+    n = dist.shape[0]
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long, device=feats.device)
+    nearest = dist.topk(2, dim=0, largest=False).values[1]  # column's smallest after its own ~0 entry
+    picks = [int(nearest.argmax())]
+    min_dist = dist[picks[0]].clone()
+    min_dist[picks[0]] = -float("inf")
+    for _ in range(k - 1):
+        j = int(min_dist.argmax())
+        picks.append(j)
+        min_dist = torch.minimum(min_dist, dist[j])
+        min_dist[j] = -float("inf")
+    return torch.tensor(picks, dtype=torch.long, device=feats.device)
+
+
+@register
+@dataclass
+class DivPrune(Method):
+    """DivPrune (Alvar et al., CVPR 2025): diversity-based visual-token pruning.
+
+    Rule: before the LLM, keep the subset of each image's projected tokens that solves the
+    Max-Min Diversity Problem greedily on 1 - cosine distance (``divprune_select``).
+    Paper default: keep ratio 0.098 (~56 of 576 tokens).
+    """
+
+    name = "divprune"
+    family = "token_pruning"
+    needs_image = True
+    keep_ratio: float = 0.098
+
+    def validate(self, ctx) -> None:
+        check_ratio(self.name, self.keep_ratio)
+        super().validate(ctx)
+
+    def image_features(self, ctx, feats):
+        out = []
+        for i, f in enumerate(feats):
+            kept = divprune_select(f, keep_count(f.shape[0], self.keep_ratio)).sort().values
+            ctx.record_image_selection(i, kept)
+            out.append(f.index_select(0, kept))
+        return out
+
+
+def _check_layer(name: str, layer, n_layers: int, what: str = "layer") -> None:
+    if not isinstance(layer, int) or not 1 <= layer < n_layers:
+        raise MethodError(f"{name}: {what} must be an integer in 1..{n_layers - 1} (scores come from the layer "
+                          f"before it; this model has {n_layers} layers), got {layer!r}")
+
+
+def prune_by_last_token_attention(ctx, layer: int, tokens, n_keep: int) -> None:
+    """Keep all text tokens and the ``n_keep`` visual tokens that the last prompt token attends
+    to most (head mean) in ``layer - 1``; drop the other visual tokens."""
+    img = torch.nonzero(tokens.is_image).flatten()
+    if img.numel() <= n_keep:
+        return
+    scores = ctx.attention(layer - 1, queries=[len(tokens) - 1])[:, 0].mean(0)  # (n,)
+    top = img[scores[img].topk(n_keep).indices]
+    tokens.keep(torch.cat([torch.nonzero(~tokens.is_image).flatten(), top]))
+
+
+@register
+@dataclass
+class FastV(Method):
+    """FastV (Chen et al., ECCV 2024): an image is worth 1/2 tokens after layer 2.
+
+    Rule: at layer K, rank the visual tokens by the attention the last prompt token gives
+    them in layer K-1 (mean over heads) and drop the lowest; the paper's R (fraction
+    dropped) is ``1 - keep_ratio``. Paper defaults K=2, R=50%. Kept tokens keep their
+    original positions. Scores are computed for layer K-1 only (the model stays on SDPA).
+    """
+
+    name = "fastv"
+    family = "token_pruning"
+    needs_image = True
+    layer: int = 2
+    keep_ratio: float = 0.5
+
+    def validate(self, ctx) -> None:
+        check_ratio(self.name, self.keep_ratio)
+        _check_layer(self.name, self.layer, ctx.n_layers)
+        super().validate(ctx)
+
+    def before_layer(self, ctx, layer, tokens):
+        if layer == self.layer:
+            n_img = int(tokens.is_image.sum())
+            prune_by_last_token_attention(ctx, layer, tokens, keep_count(n_img, self.keep_ratio) if n_img else 0)
+
+
+@register
+@dataclass
+class PyramidDrop(Method):
+    """PyramidDrop (Xing et al., CVPR 2025): stage-wise visual-token dropping.
+
+    Rule: the LLM is split into stages at ``layers``; at the start of each stage keep the
+    fraction ``ratio`` of the visual tokens still present, ranked by the attention of the
+    last prompt token in the layer before (FastV's score). Paper defaults for 32-layer
+    LLaVA-1.5: stages at 8, 16, 24, ratio 0.5; here the boundaries are fractions of depth.
+    """
+
+    name = "pdrop"
+    family = "token_pruning"
+    needs_image = True
+    layers: tuple = (0.25, 0.5, 0.75)  # stage boundaries as fractions of the depth
+    ratio: float = 0.5
+
+    def stage_layers(self, n_layers: int) -> list[int]:
+        return sorted({max(1, min(n_layers - 1, round(f * n_layers))) for f in self.layers})
+
+    def validate(self, ctx) -> None:
+        check_ratio(self.name, self.ratio, "ratio")
+        if not self.layers or any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in self.layers):
+            raise MethodError(f"pdrop: layers must be stage boundaries as fractions of depth in (0, 1), got {self.layers!r}")
+        super().validate(ctx)
+
+    def before_layer(self, ctx, layer, tokens):
+        if layer in self.stage_layers(ctx.n_layers):
+            n_img = int(tokens.is_image.sum())
+            prune_by_last_token_attention(ctx, layer, tokens, keep_count(n_img, self.ratio) if n_img else 0)
+
+
+def bipartite_merge(x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe-style bipartite soft matching, repeated until ``target`` tokens remain.
+
+    Each round splits the tokens alternately into sets A (even) and B (odd), links every A
+    token to its most cosine-similar B token, and averages the r best-linked A tokens into
+    their B partners (r <= half the tokens per round). Returns the merged tokens (spatial
+    order of their representatives), the representative original index of each, and for
+    every original token the index of the merged token it went into.
+    """
+    n0 = x.shape[0]
+    rep = torch.arange(n0, device=x.device)  # representative original token of each current token
+    slot_of = torch.arange(n0, device=x.device)  # current token each original token lives in
+    x = x.float()
+    while x.shape[0] > target:
+        n = x.shape[0]
+        r = min(n - target, n // 2)
+        a, b = torch.arange(0, n, 2, device=x.device), torch.arange(1, n, 2, device=x.device)
+        xn = F.normalize(x, dim=-1)
+        best, partner = (xn[a] @ xn[b].T).max(dim=-1)
+        order = best.argsort(descending=True)
+        src, unm = order[:r], order[r:]
+        merged_b = x[b].scatter_reduce(0, partner[src, None].expand(-1, x.shape[1]), x[a[src]],
+                                       reduce="mean", include_self=True)
+        new_rep = torch.cat([rep[a[unm]], rep[b]])
+        new_x = torch.cat([x[a[unm]], merged_b])
+        perm = new_rep.argsort()  # back to spatial order of representatives
+        where = torch.empty_like(perm)
+        where[perm] = torch.arange(perm.numel(), device=x.device)  # index in the sorted sequence
+        new_index = torch.empty(n, dtype=torch.long, device=x.device)
+        new_index[a[unm]] = where[: unm.numel()]
+        new_index[b] = where[unm.numel():]
+        new_index[a[src]] = where[unm.numel() + partner[src]]
+        x, rep, slot_of = new_x[perm], new_rep[perm], new_index[slot_of]
+    return x, rep, slot_of
+
+
+def pagerank_importance(logits: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
+    """AIM's multimodal importance: PageRank-like iteration on the attention map.
+
+    ``logits`` (heads, n, n) are causal pre-softmax scores; M = softmax(logits / tau); start from
+    the uniform distribution and apply ``dist <- dist @ M`` ``iters`` times; the score of a token
+    is the root-mean-square over heads of its mass.
+    """
+    m = (logits / tau).softmax(-1)
+    n = m.shape[-1]
+    dist = torch.full((m.shape[0], 1, n), 1.0 / n, dtype=m.dtype, device=m.device)
+    for _ in range(iters):
+        dist = dist @ m
+    return dist.pow(2).mean(0).sqrt()[0]
+
+
+@register
+@dataclass
+class AIM(Method):
+    """AIM (Zhong et al., ICCV 2025): adaptive inference by token merging and pruning.
+
+    Rule: (a) before the LLM, iterative bipartite merging of each image's tokens by embedding
+    cosine similarity down to ``keep_ratio`` (paper: 576 -> 252, 0.4375); (b) inside the LLM,
+    text tokens are always kept and the visual tokens entering layer l are cut to
+    retention(l) of those that entered the LLM, by PageRank importance of layer l-1's
+    attention (softmax temperature ``tau``, ``iters`` iterations). retention falls linearly
+    from 1 at relative depth ``prune_from`` to 0 at ``prune_to`` (paper, 32 layers: from
+    layer 13 in steps of 0.125, i.e. 13/32 -> 21/32). ``prune_from=1`` disables (b).
+    """
+
+    name = "aim"
+    family = "token_pruning"
+    needs_image = True
+    keep_ratio: float = 0.4375
+    prune_from: float = 13 / 32
+    prune_to: float = 21 / 32
+    tau: float = 0.1
+    iters: int = 5
+
+    def retention(self, layer: int, n_layers: int) -> float:
+        depth = layer / n_layers
+        return min(1.0, max(0.0, (self.prune_to - depth) / (self.prune_to - self.prune_from)))
+
+    def validate(self, ctx) -> None:
+        check_ratio(self.name, self.keep_ratio)
+        if not (0 <= self.prune_from <= 1 and self.prune_to > self.prune_from):
+            raise MethodError(f"aim: need 0 <= prune_from <= 1 and prune_to > prune_from (relative depths), "
+                              f"got prune_from={self.prune_from!r}, prune_to={self.prune_to!r}")
+        if not self.tau > 0 or not (isinstance(self.iters, int) and self.iters >= 1):
+            raise MethodError(f"aim: tau must be > 0 and iters an integer >= 1, got tau={self.tau!r}, iters={self.iters!r}")
+        super().validate(ctx)
+
+    def image_features(self, ctx, feats):
+        out = []
+        for i, f in enumerate(feats):
+            merged, rep, slot_of = bipartite_merge(f, keep_count(f.shape[0], self.keep_ratio))
+            ctx.record_image_selection(i, rep, merged_into=slot_of)
+            out.append(merged.to(f.dtype))
+        return out
+
+    def before_layer(self, ctx, layer, tokens):
+        if layer == 0:
+            return
+        n_keep = int(ctx.n_image_tokens * self.retention(layer, ctx.n_layers))
+        img = torch.nonzero(tokens.is_image).flatten()
+        if img.numel() <= n_keep:
+            return
+        top = img[pagerank_importance(ctx.attention_logits(layer - 1), self.tau, self.iters)[img].topk(n_keep).indices]
+        tokens.keep(torch.cat([torch.nonzero(~tokens.is_image).flatten(), top]))

@@ -1,0 +1,233 @@
+"""Visual-token pruning / merging: each rule against an independent transcription of the
+paper's rule, positions and KV consistency, composition, and the errors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmlab
+from mmlab.methods.base import Method
+from mmlab.methods.token_pruning import (
+    AIM,
+    bipartite_merge,
+    divprune_select,
+    pagerank_importance,
+    pool_shape,
+)
+
+get = mmlab.methods.get
+
+
+def _divprune_reference(x, k):
+    """The paper's Algorithm 1 as written: min over the whole selected set at every step."""
+    xn = x / x.norm(dim=1, keepdim=True)
+    d = 1 - xn @ xn.T
+    picks = []
+    for i in range(k):
+        if i == 0:
+            scores = d.topk(2, dim=0, largest=False).values[1]
+        else:
+            scores = d[picks].min(dim=0).values
+            scores[picks] = -1  # already chosen (the reference code relies on their 0 self-distance)
+        picks.append(int(scores.argmax()))
+    return picks
+
+
+def test_divprune_matches_the_papers_greedy_loop():
+    gen = torch.Generator().manual_seed(0)
+    for n, k in [(144, 16), (144, 64), (50, 50), (30, 1)]:
+        x = torch.randn(n, 24, generator=gen)
+        assert divprune_select(x, k).tolist() == _divprune_reference(x, k)
+
+
+def test_divprune_is_more_diverse_than_random(tiny, test_samples):
+    """The Max-Min objective it optimises: the minimum pairwise distance of the kept set."""
+    with torch.no_grad():
+        f = tiny.image_features(tiny.encode(test_samples[0]))[0].float()
+    d = 1 - F.normalize(f, dim=-1) @ F.normalize(f, dim=-1).T
+
+    def min_dist(idx):
+        sub = d[idx][:, idx] + torch.eye(len(idx)) * 9
+        return float(sub.min())
+
+    div = min_dist(divprune_select(f, 16))
+    rand = max(min_dist(torch.randperm(144, generator=torch.Generator().manual_seed(s))[:16]) for s in range(20))
+    assert div > rand
+
+
+def test_fastv_keeps_the_tokens_eager_attention_ranks_highest(tiny, test_samples):
+    """FastV's choice equals top-k of the stock eager model's layer K-1 attention from the last token."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mmlab.tiny.model import CHECKPOINT_DIR
+
+    eager = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava", attn_implementation="eager").eval()
+    for s in test_samples[:3]:
+        inp = tiny.encode(s)
+        with torch.no_grad():
+            att = eager(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True).attentions
+        for K, keep in [(1, 0.25), (2, 0.11), (3, 0.5)]:
+            tr = mmlab.run(tiny, s, [get("fastv", layer=K, keep_ratio=keep)])
+            scores = att[K - 1][0, :, -1].mean(0)
+            img = torch.nonzero(tr.modality >= 0).flatten()
+            k = round(144 * keep)
+            expected = set(img[scores[img].topk(k).indices].tolist())
+            kept = set(tr.layer_tokens[K].tolist()) & set(img.tolist())
+            assert kept == expected
+            assert tr.image_tokens_per_layer() == [144] * K + [k] * (4 - K)
+            assert tr.kv_lengths_prefill == tr.tokens_per_layer  # the KV cache really holds fewer tokens
+
+
+class _Probe(Method):
+    """Records the positions each layer receives (test helper, not registered)."""
+
+    name = "probe"
+
+    def before_layer(self, ctx, layer, tokens):
+        ctx.scratch.setdefault("positions", []).append(tokens.positions[0].clone())
+
+
+def test_position_conventions(tiny, test_samples):
+    s = test_samples[0]
+    # inside the LLM: kept tokens keep their original positions
+    p = _Probe()
+    tr = mmlab.run(tiny, s, [get("fastv", layer=2, keep_ratio=0.25), p], max_new_tokens=1)
+    pos = mmlab.engine.prefill(tiny, s, [get("fastv", layer=2, keep_ratio=0.25), p]).ctx.scratch["positions"]
+    assert torch.equal(pos[0], torch.arange(tr.prompt_length))
+    assert torch.equal(pos[3], tr.layer_tokens[3])  # position == index in the unpruned prompt
+    # before the LLM (1-D RoPE): the shortened prompt is renumbered 0..n-1, as LLaVA's code feeds it
+    pre = mmlab.engine.prefill(tiny, s, [get("divprune", keep_ratio=0.25), _Probe()]).ctx.scratch["positions"]
+    assert torch.equal(pre[0], torch.arange(pre[0].numel())) and pre[0].numel() == 155 - 144 + 36
+
+
+def test_decoding_after_in_llm_pruning_continues_positions(tiny, test_samples):
+    """Decoding resumes at the last prompt position + 1 over per-layer caches of different lengths."""
+    pf = mmlab.engine.prefill(tiny, test_samples[1], [get("fastv", layer=1, keep_ratio=0.1)])
+    assert int(pf.next_position) == pf.trace.prompt_length
+    tr = mmlab.run(tiny, test_samples[1], [get("fastv", layer=1, keep_ratio=0.1)], max_new_tokens=3)
+    assert tr.decode_kv_lengths == [] or tr.decode_kv_lengths[0][0] == tr.kv_lengths_prefill[0] + 1
+
+
+def test_pool_equals_average_pooling(tiny, test_samples):
+    with torch.no_grad():
+        f = tiny.image_features(tiny.encode(test_samples[0]))[0]
+    pre = mmlab.engine.prefill(tiny, test_samples[0], [get("pool", keep_ratio=0.25), _Probe()])
+    tr = pre.trace
+    assert tr.image_tokens_per_layer()[0] == 36  # 12x12 -> 6x6, windows of 2x2
+    ref = F.avg_pool2d(f.T.reshape(1, -1, 12, 12), 2).reshape(f.shape[1], 36).T
+    groups = tr.image_merged_into[0]
+    assert torch.bincount(groups).tolist() == [4] * 36
+    for slot in range(36):
+        assert torch.allclose(f[groups == slot].mean(0), ref[slot], atol=1e-6)
+    assert pool_shape(12, 12, 16) == (4, 4) and pool_shape(12, 12, 144) == (12, 12)
+
+
+def _tome_round_reference(x, r):
+    """One bipartite soft-matching round written with loops (ToMe / AIM's merge)."""
+    n = x.shape[0]
+    a, b = list(range(0, n, 2)), list(range(1, n, 2))
+    xn = F.normalize(x, dim=-1)
+    links = []
+    for i in a:
+        sims = [float(xn[i] @ xn[j]) for j in b]
+        links.append((max(sims), i, b[sims.index(max(sims))]))
+    links.sort(key=lambda t: -t[0])
+    groups = {j: [j] for j in b}
+    kept_a = []
+    for rank, (_, i, j) in enumerate(links):
+        (groups[j].append(i) if rank < r else kept_a.append(i))
+    tokens = {i: x[i] for i in kept_a} | {j: torch.stack([x[m] for m in g]).mean(0) for j, g in groups.items()}
+    return [tokens[k] for k in sorted(tokens)], groups
+
+
+def test_bipartite_merge_matches_loop_reference():
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(1))
+    merged, rep, slot_of = bipartite_merge(x, 14)  # one round, r = 6
+    ref, groups = _tome_round_reference(x, 6)
+    assert torch.allclose(merged, torch.stack(ref), atol=1e-6)
+    assert rep.tolist() == sorted(rep.tolist())
+    for j, g in groups.items():
+        assert len({int(slot_of[m]) for m in g}) == 1
+    # several rounds (at most half the tokens per round) down to the target; every slot has members
+    merged, rep, slot_of = bipartite_merge(torch.randn(144, 8), 63)
+    assert merged.shape[0] == 63 and sorted(set(slot_of.tolist())) == list(range(63))
+    assert all(int(slot_of[r]) == k for k, r in enumerate(rep.tolist()))
+
+
+def test_aim_schedule_is_the_papers_on_32_layers():
+    aim = AIM()
+    got = [aim.retention(layer, 32) for layer in range(32)]
+    want = [1.0] * 14 + [1 - 0.125 * k for k in range(1, 8)] + [0.0] * 11  # layer 13 on, steps of 0.125
+    assert all(math.isclose(g, w, abs_tol=1e-9) for g, w in zip(got, want))
+
+
+def test_pagerank_importance():
+    logits = torch.randn(3, 6, 6).masked_fill(torch.ones(6, 6).triu(1).bool(), float("-inf"))
+    one = pagerank_importance(logits, tau=1.0, iters=1)
+    m = logits.softmax(-1)
+    assert torch.allclose(one, m.mean(1).pow(2).mean(0).sqrt(), atol=1e-6)  # uniform start: column means
+    imp = pagerank_importance(logits, tau=0.1, iters=5)
+    assert imp.shape == (6,) and bool((imp >= 0).all())
+
+
+def test_aim_merges_then_prunes_inside(tiny, test_samples):
+    tr = mmlab.run(tiny, test_samples[0], [get("aim", keep_ratio=0.4375)])
+    assert tr.image_tokens_per_layer() == [63, 63, 39, 0]  # 63 after merging; 62.5% at layer 2; 0 at 3
+    assert tr.kv_lengths_prefill == tr.tokens_per_layer
+    assert set(tr.image_merged_into[0].tolist()) == set(range(63))
+    assert tr.tokens_per_layer[3] == tr.prompt_length - 144  # text always kept
+
+
+def test_pdrop_stages(tiny, test_samples):
+    tr = mmlab.run(tiny, test_samples[0], [get("pdrop", ratio=0.5)])
+    assert tr.image_tokens_per_layer() == [144, 72, 36, 18]
+
+
+def test_methods_compose(tiny, test_samples):
+    """A pre-LLM selection followed by in-LLM pruning: each acts on what the other left."""
+    s = test_samples[3]
+    tr = mmlab.run(tiny, s, [get("divprune", keep_ratio=0.5), get("fastv", layer=2, keep_ratio=0.5)])
+    assert tr.image_tokens_per_layer() == [72, 72, 36, 36]
+    assert set(tr.layer_tokens[2].tolist()) <= set(tr.layer_tokens[0].tolist())
+    assert tr.kv_lengths_prefill == tr.tokens_per_layer and tr.answer
+    tr = mmlab.run(tiny, s, [get("pool", keep_ratio=0.25), get("pdrop", ratio=0.5)])
+    assert tr.image_tokens_per_layer() == [36, 18, 9, 4]
+
+
+def test_multi_image_selection_per_image(tiny):
+    s = mmlab.data.shapes(2, seed=5)
+    sample = {"images": [s[0].image, s[1].image], "question": s[0].question}
+    for name in ["divprune", "pool", "aim"]:
+        tr = mmlab.run(tiny, sample, [get(name, keep_ratio=0.25)])
+        assert set(tr.image_kept) == {0, 1}
+        assert tr.image_tokens_per_layer()[0] == 72
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("fastv", {"keep_ratio": 0}, r"keep_ratio must be in \(0, 1\]"),
+    ("divprune", {"keep_ratio": 1.5}, r"keep_ratio must be in \(0, 1\]"),
+    ("pool", {"keep_ratio": -1}, r"keep_ratio must be in \(0, 1\]"),
+    ("aim", {"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\]"),
+    ("pdrop", {"ratio": 2}, r"ratio must be in \(0, 1\]"),
+    ("fastv", {"layer": 4}, r"layer must be an integer in 1..3 .*got 4"),
+    ("fastv", {"layer": 0}, r"layer must be an integer in 1..3"),
+    ("pdrop", {"layers": (0.5, 1.2)}, r"fractions of depth in \(0, 1\)"),
+    ("aim", {"prune_from": 0.8, "prune_to": 0.5}, r"prune_to > prune_from"),
+    ("aim", {"tau": 0}, r"tau must be > 0"),
+])
+def test_bad_parameters(name, params, match, tiny, test_samples):
+    with pytest.raises(mmlab.MethodError, match=match):
+        mmlab.run(tiny, test_samples[0], [get(name, **params)])
+
+
+@pytest.mark.parametrize("name", ["pool", "divprune", "fastv", "aim", "pdrop"])
+def test_image_methods_refuse_text_only_models(name, smol):
+    with pytest.raises(mmlab.MethodError, match=f"{name} prunes visual tokens but this input has no image"):
+        mmlab.run(smol, "hello", [get(name)])
+
+
+def test_pool_refuses_models_without_a_grid(random_bundles, test_samples):
+    with pytest.raises(mmlab.MethodError, match="pool needs a 2-D visual-token grid"):
+        mmlab.run(random_bundles["llava_next"], test_samples[0], [get("pool")])
