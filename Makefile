@@ -46,6 +46,7 @@ train-tiny: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/ground_truth.py
+	$(PY) benchmarks/pruning_speed.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

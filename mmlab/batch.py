@@ -33,6 +33,7 @@ import yaml
 
 from mmlab.figures import git_commit
 from mmlab.recording import ENV as RECORD_ENV
+from mmlab.recording import ROWS
 
 
 class SweepError(ValueError):
@@ -60,7 +61,8 @@ class Sweep:
 
 def run_id(point: dict) -> str:
     """Readable and stable: ``method=fastv_keep_ratio=0.11`` (hashed when very long)."""
-    text = "_".join(f"{k}={v}" for k, v in point.items()) or "default"
+    text = "_".join(f"{k}={'+'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                    for k, v in point.items()) or "default"
     text = re.sub(r"[^A-Za-z0-9_.=+-]", "-", text)
     if len(text) > 120:
         text = text[:100] + "_" + hashlib.sha1(text.encode()).hexdigest()[:10]
@@ -213,7 +215,8 @@ def run_sweep(sweep: Sweep, jobs: int = 1, progress: bool = True) -> dict:
 
 
 def collect(run_dir: str | Path):
-    """All ``RUN_ID.json`` of a sweep -> one tidy table (parameters + metrics, one row per run),
+    """All ``RUN_ID.json`` of a sweep -> one tidy table (parameters + metrics, one row per run, or
+    one per row of a table the run recorded with ``mmlab.record_rows``),
     written to ``results.csv`` and ``results.parquet`` beside them."""
     import pandas as pd
 
@@ -228,9 +231,12 @@ def collect(run_dir: str | Path):
             continue
         if "run_id" not in r:
             continue
-        rows.append({"run_id": r["run_id"], "status": r["status"], "error": r.get("error"),
-                     **r.get("parameters", {}), **r.get("metrics", {}), "seconds": r.get("seconds"),
-                     "git_commit": r.get("git_commit")})
+        metrics = dict(r.get("metrics", {}))
+        table = metrics.pop(ROWS, None) or [{}]  # a run that recorded a table gives one row per table row
+        for t in table:
+            rows.append({"run_id": r["run_id"], "status": r["status"], "error": r.get("error"),
+                         **r.get("parameters", {}), **metrics, **t, "seconds": r.get("seconds"),
+                         "git_commit": r.get("git_commit")})
     if not rows:
         raise SweepError(f"no run results (*.json) in {run_dir}")
     df = pd.DataFrame(rows)

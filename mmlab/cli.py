@@ -83,8 +83,9 @@ def cmd_collect(args) -> int:
     from mmlab.batch import collect
 
     df = collect(args.run_dir)
-    n_ok = int((df.status == "ok").sum())
-    print(f"{len(df)} runs ({n_ok} ok) -> {args.run_dir}/results.csv, results.parquet")
+    runs = df.drop_duplicates("run_id")
+    n_ok = int((runs.status == "ok").sum())
+    print(f"{len(runs)} runs ({n_ok} ok), {len(df)} rows -> {args.run_dir}/results.csv, results.parquet")
     return 0
 
 

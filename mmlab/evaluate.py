@@ -30,6 +30,7 @@ class EvalResult:
     flops: float  # mean prefill FLOPs of the language model (from the Traces' token counts)
     kv_bytes: float  # mean KV-cache bytes held after prefill
     prefill_ms: float  # median prefill wall-clock
+    method_ms: float  # median time spent inside the methods' stages (selection overhead)
     n: int
     rows: list[dict] = field(default_factory=list, repr=False)  # one per sample
 
@@ -45,7 +46,7 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         """Flat metrics for ``mmlab.record`` / tables."""
         out = {"accuracy": self.accuracy, "tflops": self.tflops, "kv_bytes": self.kv_bytes,
-               "prefill_ms": self.prefill_ms, "n": self.n}
+               "prefill_ms": self.prefill_ms, "method_ms": self.method_ms, "n": self.n}
         out.update({f"acc_{k}": v for k, v in self.by_type.items()})
         return out
 
@@ -60,7 +61,8 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
         rows.append({"uid": getattr(s, "uid", i), "qtype": getattr(s, "qtype", "all"), "answer": s.answer,
                      "pred": tr.answer, "correct": normalise(tr.answer) == normalise(s.answer),
                      "prefill_flops": tr.flops["prefill"], "kv_bytes": tr.kv_bytes,
-                     "prefill_ms": tr.timings["prefill_ms"], "image_tokens": tr.image_tokens_per_layer()[0],
+                     "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
+                     "image_tokens": tr.image_tokens_per_layer()[0],
                      "mean_tokens_per_layer": sum(tr.tokens_per_layer) / len(tr.tokens_per_layer)})
     by_type: dict[str, list[bool]] = {}
     for r in rows:
@@ -71,7 +73,41 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
         flops=statistics.fmean(r["prefill_flops"] for r in rows),
         kv_bytes=statistics.fmean(r["kv_bytes"] for r in rows),
         prefill_ms=statistics.median(r["prefill_ms"] for r in rows),
+        method_ms=statistics.median(r["method_ms"] for r in rows),
         n=len(rows), rows=rows)
+
+
+def keep_param(name: str) -> str:
+    """The parameter that sets how many visual tokens a method keeps (``keep_ratio``, or ``ratio``)."""
+    import dataclasses
+
+    from mmlab.methods.base import _REGISTRY
+
+    fields = {f.name for f in dataclasses.fields(_REGISTRY[name])} if name in _REGISTRY else set()
+    for p in ("keep_ratio", "ratio"):
+        if p in fields:
+            return p
+    raise MethodError(f"method {name!r} has no keep_ratio / ratio parameter to sweep")
+
+
+def keep_ratio_grid(bundle, samples, methods: list[str], keep_ratios: list[float], *, progress: bool = True):
+    """Accuracy, per-type accuracy, FLOPs and times of every method at every keep ratio, plus the
+    unpruned model: one row per (method, keep_ratio) in a DataFrame (``flops_ratio`` = dense / method)."""
+    import pandas as pd
+
+    from mmlab.methods.base import get
+
+    dense = evaluate(bundle, samples, [], progress=False)
+    rows = [{"method": "none", "keep_ratio": 1.0, **dense.metrics(),
+             "image_tokens_layer0": statistics.fmean(r["image_tokens"] for r in dense.rows)}]
+    points = [(m, r) for m in methods for r in keep_ratios]
+    for name, ratio in tqdm(points, desc="methods x keep ratios", disable=not progress):
+        res = evaluate(bundle, samples, [get(name, **{keep_param(name): ratio})], progress=False)
+        img = statistics.fmean(r["image_tokens"] for r in res.rows)
+        rows.append({"method": name, "keep_ratio": ratio, **res.metrics(), "image_tokens_layer0": img})
+    df = pd.DataFrame(rows)
+    df["flops_ratio"] = dense.flops / (df.tflops * 1e12)
+    return df
 
 
 @dataclass

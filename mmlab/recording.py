@@ -1,4 +1,5 @@
-"""``mmlab.record(**metrics)``: how a notebook hands its numbers to the sweep runner.
+"""``mmlab.record(**metrics)`` / ``mmlab.record_rows(table)``: how a notebook hands its
+numbers to the sweep runner.
 
 Inside a sweep, the runner sets ``MMLAB_RECORD_PATH`` for the notebook's kernel; each
 call merges the metrics into that JSON file (written atomically). Outside a sweep the
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 ENV = "MMLAB_RECORD_PATH"
+ROWS = "_rows"  # key of a recorded table in the metrics file
 _session: dict = {}
 
 
@@ -30,9 +32,7 @@ def _plain(name: str, value):
     raise TypeError(f"record(): {name} must be a number, string, bool or None, got {type(value).__name__}")
 
 
-def record(**metrics) -> dict:
-    """Record scalar metrics for this run; returns everything recorded so far."""
-    _session.update({k: _plain(k, v) for k, v in metrics.items()})
+def _write() -> None:
     path = os.environ.get(ENV)
     if path:
         p = Path(path)
@@ -41,8 +41,25 @@ def record(**metrics) -> dict:
         tmp = p.with_suffix(".tmp")
         tmp.write_text(json.dumps(current, indent=1))
         tmp.replace(p)
-    return dict(_session)
+
+
+def record(**metrics) -> dict:
+    """Record scalar metrics for this run; returns everything recorded so far."""
+    _session.update({k: _plain(k, v) for k, v in metrics.items()})
+    _write()
+    return {k: v for k, v in _session.items() if k != ROWS}
+
+
+def record_rows(rows) -> int:
+    """Record a table (a DataFrame or a list of dicts of scalars) for this run; ``mmlab collect``
+    writes one result row per table row, beside the run's parameters. Returns the row count."""
+    if hasattr(rows, "to_dict"):
+        rows = rows.to_dict(orient="records")
+    missing = lambda v: isinstance(v, float) and math.isnan(v)  # noqa: E731  (a DataFrame's empty cell)
+    _session[ROWS] = [{str(k): _plain(str(k), v) for k, v in dict(r).items() if not missing(v)} for r in rows]
+    _write()
+    return len(_session[ROWS])
 
 
 def recorded() -> dict:
-    return dict(_session)
+    return {k: v for k, v in _session.items() if k != ROWS}

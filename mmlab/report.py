@@ -30,8 +30,99 @@ def baseline_random_accuracy(df: pd.DataFrame):
     return fig
 
 
+def _pruning_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | None]:
+    """Method rows (mean over repeated runs) and the unpruned reference row, from a keep-ratio grid table."""
+    if "status" in df:
+        df = df[df.status == "ok"]
+    metrics = [c for c in df.columns if c == "accuracy" or c.startswith("acc_") or c in ("tflops", "flops_ratio")]
+    g = df.groupby(["method", "keep_ratio"], as_index=False)[metrics].mean()
+    dense = g[g.method == "none"]
+    return g[g.method != "none"], (dense.iloc[0] if len(dense) else None)
+
+
+def _percent_ticks(ax, ratios) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ticks = sorted(set(float(r) * 100 for r in ratios))
+    ax.set_xticks(ticks, [f"{t:.0f}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def pruning_accuracy(df: pd.DataFrame):
+    """Accuracy vs % of visual tokens kept, one line per method; the unpruned model dashed."""
+    import matplotlib.pyplot as plt
+
+    rows, dense = _pruning_rows(df)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, g in rows.groupby("method"):
+        ax.plot(g.keep_ratio * 100, g.accuracy * 100, marker="o", label=name)
+    if dense is not None:
+        ax.axhline(dense.accuracy * 100, color="k", ls="--", lw=1, label="no pruning")
+    _percent_ticks(ax, rows.keep_ratio)
+    ax.set_xlabel("visual tokens kept (%)")
+    ax.text(0.01, 0.01, "fastv: from layer K on; pdrop: per stage; aim: after merging, before in-LLM pruning",
+            transform=ax.transAxes, fontsize=6, color="0.4")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("tiny-llava, shapes VQA: accuracy vs keep ratio")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def pruning_accuracy_vs_tflops(df: pd.DataFrame):
+    """Accuracy vs analytic prefill TFLOPs of the language model (from the Traces' token counts)."""
+    import matplotlib.pyplot as plt
+
+    rows, dense = _pruning_rows(df)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, g in rows.groupby("method"):
+        g = g.sort_values("tflops")
+        ax.plot(g.tflops * 1e6, g.accuracy * 100, marker="o", label=name)
+    if dense is not None:
+        ax.plot([dense.tflops * 1e6], [dense.accuracy * 100], marker="*", ms=12, color="k", ls="", label="no pruning")
+    ax.set_xlabel("LLM prefill MFLOPs per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy vs compute")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def pruning_per_type(df: pd.DataFrame):
+    """One panel per question type: accuracy vs keep ratio for every method."""
+    import matplotlib.pyplot as plt
+
+    rows, dense = _pruning_rows(df)
+    types = sorted(c for c in rows.columns if c.startswith("acc_"))
+    fig, axes = plt.subplots(1, len(types), figsize=(3 * len(types), 2.8), sharey=True, squeeze=False)
+    for ax, col in zip(axes[0], types):
+        for name, g in rows.groupby("method"):
+            ax.plot(g.keep_ratio * 100, g[col] * 100, marker=".", label=name)
+        if dense is not None:
+            ax.axhline(dense[col] * 100, color="k", ls="--", lw=1)
+        _percent_ticks(ax, rows.keep_ratio)
+        ax.set_title(col[4:])
+        ax.set_xlabel("kept (%)")
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][-1].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def pruning_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy (%) per method (rows) and keep ratio (columns), the unpruned model first."""
+    rows, dense = _pruning_rows(df)
+    t = rows.pivot(index="method", columns="keep_ratio", values="accuracy") * 100
+    t.columns = [f"{c:.0%}" for c in t.columns]
+    if dense is not None:
+        t.insert(0, "100% (none)", dense.accuracy * 100)
+    return t.round(1)
+
+
 FIGURES = {
     "baseline_random_accuracy": ("baseline_random", baseline_random_accuracy),
+    "token_pruning_accuracy": ("token_pruning", pruning_accuracy),
+    "token_pruning_tflops": ("token_pruning", pruning_accuracy_vs_tflops),
+    "token_pruning_per_type": ("token_pruning", pruning_per_type),
 }
 
 

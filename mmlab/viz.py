@@ -3,6 +3,9 @@
 - ``draw_tokens``: the image with kept / pruned / merged visual tokens of one layer.
 - ``draw_attention``: one layer's (and head's) attention from the last prompt token over
   the image tokens, on the image grid.
+- ``draw_merges``: the image coloured by merge group (pool, AIM), survivors outlined.
+- ``attention_share``: per layer, the share of the last prompt token's attention that
+  image / text tokens receive (FastV's observation).
 - ``plot_tokens_per_layer``: per-layer token counts of several traces.
 - ``Explorer``: the ipywidgets explorer of ``notebooks/05_explorer.ipynb``.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mmlab.evaluate import keep_param
 from mmlab.trace import Trace
 
 
@@ -63,6 +67,47 @@ def draw_tokens(trace: Trace, image, ax=None, layer: int = 0, image_index: int =
     ax.set_title(title or f"layer {layer}: {kept}/{len(status)} visual tokens")
     ax.axis("off")
     return ax
+
+
+def draw_merges(trace: Trace, image, ax=None, image_index: int = 0, title: str | None = None):
+    """Each visual token coloured by the merged token it went into; representatives outlined.
+    Falls back to ``draw_tokens`` for a method that only selected."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    merged = trace.image_merged_into.get(image_index)
+    if merged is None or trace.image_grid is None:
+        return draw_tokens(trace, image, ax, image_index=image_index, title=title)
+    ax = ax or plt.gca()
+    rows, cols = trace.image_grid
+    h, w = np.asarray(image).shape[:2]
+    colours = np.random.default_rng(0).permutation(int(merged.max()) + 1)  # neighbours get distant hues
+    groups = colours[merged.numpy()].reshape(rows, cols)
+    ax.imshow(image)
+    ax.imshow(groups, cmap="tab20", alpha=0.45, extent=(0, w, h, 0), interpolation="nearest")
+    ph, pw = h / rows, w / cols
+    for k in trace.image_kept[image_index].tolist():
+        r, c = divmod(k, cols)
+        ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="white", lw=0.8))
+    ax.set_title(title or f"{int(merged.max()) + 1} merged tokens from {merged.numel()}")
+    ax.axis("off")
+    return ax
+
+
+def attention_share(trace: Trace):
+    """Per layer with recorded attention: the share of the last prompt token's attention (mean of
+    heads) on image and on text tokens, and per token (share / count: FastV's "efficiency")."""
+    import pandas as pd
+
+    rows = []
+    for layer in sorted(trace.attentions):
+        a = trace.attentions[layer][:, -1].mean(0)  # (k,) over the tokens that entered this layer
+        is_img = trace.modality[trace.layer_tokens[layer]] >= 0
+        n_img, n_txt = int(is_img.sum()), int((~is_img).sum())
+        img, txt = float(a[is_img].sum()), float(a[~is_img].sum())
+        rows.append({"layer": layer, "image_share": img, "text_share": txt, "image_tokens": n_img,
+                     "text_tokens": n_txt, "image_per_token": img / max(1, n_img), "text_per_token": txt / max(1, n_txt)})
+    return pd.DataFrame(rows)
 
 
 def attention_grid(trace: Trace, layer: int, head: int | None = None, image_index: int = 0) -> np.ndarray:
@@ -145,7 +190,7 @@ class Explorer:
 
         key = (index, method, None if method == "none" else keep_ratio)
         if key not in self._cache:
-            methods = [] if method == "none" else [mmlab.methods.get(method, keep_ratio=keep_ratio)]
+            methods = [] if method == "none" else [mmlab.methods.get(method, **{keep_param(method): keep_ratio})]
             self._cache[key] = mmlab.run(self.bundle, self.samples[index], methods, attention_layers=self.layers)
             self.runs += 1
         return self._cache[key]

@@ -103,3 +103,24 @@ def test_record_outside_a_sweep_and_bad_values(monkeypatch, tmp_path):
     monkeypatch.setenv("MMLAB_RECORD_PATH", str(tmp_path / "m.json"))
     mmlab.record(tflops=1.5)
     assert json.loads((tmp_path / "m.json").read_text())["tflops"] == 1.5
+
+
+def test_recorded_table_becomes_one_result_row_per_table_row(monkeypatch, tmp_path):
+    import pandas as pd
+
+    import mmlab
+    from mmlab.batch import collect
+
+    monkeypatch.setenv("MMLAB_RECORD_PATH", str(tmp_path / "m.json"))
+    mmlab.record(n=3)
+    assert mmlab.record_rows(pd.DataFrame({"method": ["a", "b"], "accuracy": [0.5, 0.75]})) == 2
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["_rows"][1] == {"method": "b", "accuracy": 0.75} and metrics["n"] == 3
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "seed=0.json").write_text(json.dumps({"run_id": "seed=0", "status": "ok", "parameters": {"seed": 0},
+                                                  "metrics": metrics}))
+    df = collect(runs)
+    assert df[["seed", "n", "method", "accuracy"]].values.tolist() == [[0, 3, "a", 0.5], [0, 3, "b", 0.75]]
+    with pytest.raises(TypeError, match="must be a number"):
+        mmlab.record_rows([{"x": [1]}])
