@@ -97,12 +97,17 @@ class Context:
         if merged_into is not None:
             self.trace.image_merged_into[image] = merged_into.detach().cpu()
 
+    def cache_is_image(self, layer: int) -> torch.Tensor:
+        """(len,) bool: which of layer ``layer``'s cached prompt tokens are visual tokens."""
+        return (self.trace.modality[self.trace.layer_tokens[layer]] >= 0).to(self._layers[layer].self_attn.o_proj.weight.device)
+
     def attention_logits(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Pre-softmax attention scores ``(heads, q, k)`` of prefill layer ``layer`` (causal: -inf).
 
         Recomputed for the requested query rows only, from the layer's input and its KV
         cache: the model itself stays on SDPA. Available for the previous layer inside
-        ``before_layer`` and for layers listed in ``run(attention_layers=...)``.
+        ``before_layer``, for layers listed in ``run(attention_layers=...)``, and for every
+        layer in ``after_prefill`` when a method of the run sets ``prefill_attention``.
         """
         if layer not in self._layer_inputs:
             raise MethodError(f"attention of layer {layer} is not available here; "
@@ -169,6 +174,8 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
     ctx.image_grid = trace.image_grid = bundle.image_grid(inputs) if ctx.has_image else None
     for m in methods:
         m.validate(ctx)
+    # KV methods score the whole prefill after it ends: keep every layer's attention inputs until then
+    keep_inputs = any(m.prefill_attention for m in methods)
     stage_ms: dict[str, float] = {}
 
     with torch.inference_mode():
@@ -184,7 +191,8 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
         for i, layer in enumerate(layers):
             for m in methods:
                 _timed(stage_ms, "method_ms", m.before_layer, ctx, i, tokens)
-            ctx._layer_inputs.pop(i - 2, None)  # scores stay available one layer back only
+            if not keep_inputs:
+                ctx._layer_inputs.pop(i - 2, None)  # scores stay available one layer back only
             trace.layer_tokens.append(tokens.source)
             pe = lm.rotary_emb(tokens.hidden, tokens.positions)
             hidden_in = tokens.hidden
@@ -194,10 +202,12 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
                 trace.attentions[i] = ctx.attention(i).cpu()
         h = lm.norm(tokens.hidden if all_logits else tokens.hidden[:, -1:])
         logits = bundle.lm_head(h)[0].float()
-        ctx._layer_inputs.clear()
+        if not keep_inputs:
+            ctx._layer_inputs.clear()
         trace.kv_lengths_prefill = cache.lengths()
         for m in methods:
             _timed(stage_ms, "method_ms", m.after_prefill, ctx, cache)
+        ctx._layer_inputs.clear()
         trace.kv_lengths_final = cache.lengths()
         trace.kv_bytes = cache.nbytes()
         trace.timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3

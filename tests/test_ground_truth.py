@@ -16,6 +16,11 @@ NOOP = {
     "fastv": {"keep_ratio": 1.0},
     "pdrop": {"ratio": 1.0},
     "aim": {"keep_ratio": 1.0, "prune_from": 1.0, "prune_to": 2.0},
+    "streamingllm": {"budget": 1.0},
+    "h2o": {"budget": 1.0},
+    "snapkv": {"budget": 1.0},
+    "lookm": {"budget": 1.0},
+    "kvmerger": {"budget": 1.0},
 }
 
 

@@ -52,6 +52,7 @@ class Method:
     name: ClassVar[str] = "method"
     family: ClassVar[str] = ""
     needs_image: ClassVar[bool] = False  # True: raises on a text-only model / sample
+    prefill_attention: ClassVar[bool] = False  # True: ctx.attention(any layer) works in after_prefill
 
     def validate(self, ctx) -> None:
         """Check the parameters against the model (depth, modality). Raise MethodError."""
@@ -106,6 +107,20 @@ def get(name: str, **params) -> Method:
 def keep_count(n: int, keep_ratio: float) -> int:
     """Tokens kept out of ``n`` at ``keep_ratio`` (at least one)."""
     return max(1, min(n, int(round(n * keep_ratio))))
+
+
+def check_budget(name: str, budget) -> None:
+    """A KV budget is a fraction of the prompt's KV in (0, 1] (float) or a token count >= 1 (int)."""
+    ok = (isinstance(budget, float) and 0 < budget <= 1) or (isinstance(budget, int) and not isinstance(budget, bool)
+                                                              and budget >= 1)
+    if not ok:
+        raise MethodError(f"{name}: budget must be a fraction of the prompt in (0, 1] (e.g. 0.5) or a token "
+                          f"count >= 1 (e.g. 256), got {budget!r}")
+
+
+def budget_tokens(budget, n: int) -> int:
+    """Tokens kept out of ``n`` under ``budget`` (a fraction is floored, as kvpress does; at least 1)."""
+    return max(1, min(n, budget if isinstance(budget, int) else int(n * budget)))
 
 
 def check_ratio(name: str, value: float, what: str = "keep_ratio") -> None:

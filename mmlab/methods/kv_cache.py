@@ -1,0 +1,314 @@
+"""KV-cache eviction and merging after the prefill: StreamingLLM, H2O, SnapKV, LOOK-M, KVMerger.
+
+Every method here acts at ``after_prefill``: for each layer it chooses which of the
+prompt's cached key/value pairs to keep (and, for the merging methods, folds evicted
+pairs into kept ones), and replaces the layer's tensors with smaller ones, so the
+bytes really shrink. Kept keys carry the RoPE rotation of their original position and
+decoding continues at the uncompressed prompt length, as in the papers' code.
+
+``budget``: a fraction of each layer's prompt KV in (0, 1] (floored, as kvpress does) or
+an int token count. Selection is per KV head where the paper scores per head (H2O,
+SnapKV, LOOK-M; with grouped-query attention the query heads of a group are pooled),
+per layer otherwise (StreamingLLM, KVMerger). Attention scores are recomputed only for
+what a method needs (``ctx.attention``); the model stays on SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from mmlab.methods.base import Method, MethodError, budget_tokens, check_budget, check_ratio, register
+
+
+def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t`` (1, heads, n, d) restricted to ``idx`` (heads, k) along the sequence, per head."""
+    return t[0].gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))[None].contiguous()
+
+
+def kv_head_scores(probs: torch.Tensor, kv_heads: int, reduce: str = "sum") -> torch.Tensor:
+    """(query heads, ..., n) -> (kv heads, ..., n): pool the query heads that share a KV head."""
+    g = probs.shape[0] // kv_heads
+    x = probs.reshape(kv_heads, g, *probs.shape[1:])
+    return x.sum(1) if reduce == "sum" else x.mean(1)
+
+
+def accumulated_attention(ctx, layer: int, kv_heads: int) -> torch.Tensor:
+    """H2O's score: attention each cached token received, summed over every prompt query (kv heads, n)."""
+    return kv_head_scores(ctx.attention(layer).sum(1), kv_heads)
+
+
+def top_with_window(scores: torch.Tensor, n_keep: int, window: int) -> torch.Tensor:
+    """Per head: the last ``window`` tokens plus the top ``n_keep - window`` of the rest, sorted (heads, n_keep)."""
+    n = scores.shape[-1]
+    top = scores[:, : n - window].topk(n_keep - window, dim=-1).indices
+    recent = torch.arange(n - window, n, device=scores.device).expand(scores.shape[0], -1)
+    return torch.cat([top, recent], dim=-1).sort(dim=-1).values
+
+
+class KVMethod(Method):
+    """Shared loop of the family: per layer, ``compress`` returns the kept keys, values and indices."""
+
+    family: ClassVar[str] = "kv_cache"
+    prefill_attention: ClassVar[bool] = True
+
+    def validate(self, ctx) -> None:
+        check_budget(self.name, self.budget)
+        super().validate(ctx)
+
+    def protected(self, n_keep: int) -> int:
+        """Tokens the rule always keeps (sinks, observation window); must fit in the budget."""
+        return 0
+
+    def after_prefill(self, ctx, cache):
+        kept_record = {}
+        for layer in range(ctx.n_layers):
+            keys, values = cache.keys[layer], cache.values[layer]
+            n = keys.shape[-2]
+            n_keep = budget_tokens(self.budget, n)
+            if n_keep >= n:
+                continue
+            if self.protected(n_keep) > n_keep:
+                raise MethodError(f"{self.name}: a budget of {n_keep} tokens ({self.budget!r} of {n}) is smaller than "
+                                  f"the {self.protected(n_keep)} tokens the rule always keeps; raise the budget or "
+                                  f"shrink the window")
+            cache.keys[layer], cache.values[layer], idx = self.compress(ctx, layer, keys, values, n_keep)
+            kept_record[layer] = idx.cpu()
+        ctx.trace.extra.setdefault("kv_kept", {}).update(kept_record)
+
+    def compress(self, ctx, layer, keys, values, n_keep):
+        raise NotImplementedError
+
+
+@register
+@dataclass
+class StreamingLLM(KVMethod):
+    """StreamingLLM (Xiao et al., ICLR 2024): attention sinks + a recent window.
+
+    Rule: keep the first ``sinks`` tokens and the most recent ``budget - sinks``; drop the middle.
+    """
+
+    name = "streamingllm"
+    prefill_attention = False
+    budget: float | int = 0.5
+    sinks: int = 4
+
+    def protected(self, n_keep):
+        return self.sinks
+
+    def compress(self, ctx, layer, keys, values, n_keep):
+        n = keys.shape[-2]
+        idx = torch.cat([torch.arange(self.sinks), torch.arange(n - (n_keep - self.sinks), n)]).to(keys.device)
+        idx = idx.expand(keys.shape[1], -1)
+        return gather_tokens(keys, idx), gather_tokens(values, idx), idx
+
+
+@register
+@dataclass
+class H2O(KVMethod):
+    """H2O (Zhang et al., NeurIPS 2023): heavy hitters + recent tokens.
+
+    Rule: per KV head, keep the ``recent_ratio`` share of the budget as the most recent tokens and
+    fill the rest with the tokens of largest attention accumulated over all prompt queries.
+    """
+
+    name = "h2o"
+    budget: float | int = 0.5
+    recent_ratio: float = 0.5
+
+    def validate(self, ctx):
+        if not 0 <= self.recent_ratio < 1:
+            raise MethodError(f"h2o: recent_ratio must be in [0, 1) (share of the budget for recent tokens), "
+                              f"got {self.recent_ratio!r}")
+        super().validate(ctx)
+
+    def compress(self, ctx, layer, keys, values, n_keep):
+        scores = accumulated_attention(ctx, layer, keys.shape[1])
+        idx = top_with_window(scores, n_keep, int(n_keep * self.recent_ratio))
+        return gather_tokens(keys, idx), gather_tokens(values, idx), idx
+
+
+@register
+@dataclass
+class SnapKV(KVMethod):
+    """SnapKV (Li et al., NeurIPS 2024): the last queries already know what matters.
+
+    Rule: per KV head, score each earlier token by the attention of the last ``window`` prompt
+    queries (mean over them, average-pooled with ``kernel``, mean over grouped query heads);
+    keep the window plus the top ``budget - window``.
+    """
+
+    name = "snapkv"
+    budget: float | int = 0.5
+    window: int = 64
+    kernel: int = 5
+
+    def validate(self, ctx):
+        if not (isinstance(self.window, int) and self.window >= 1 and isinstance(self.kernel, int)
+                and self.kernel >= 1 and self.kernel % 2 == 1):
+            raise MethodError(f"snapkv: window must be an int >= 1 and kernel an odd int >= 1, "
+                              f"got window={self.window!r}, kernel={self.kernel!r}")
+        if isinstance(self.budget, int) and self.budget < self.window:
+            raise MethodError(f"snapkv: a budget of {self.budget} tokens is smaller than the observation window "
+                              f"of {self.window} it always keeps")
+        super().validate(ctx)
+
+    def protected(self, n_keep):
+        return self.window
+
+    def compress(self, ctx, layer, keys, values, n_keep):
+        n, w = keys.shape[-2], self.window
+        if n <= w:
+            raise MethodError(f"snapkv: the prompt ({n} tokens) must be longer than the window ({w})")
+        probs = ctx.attention(layer, queries=slice(n - w, n))[..., : n - w]  # (heads, w, n - w)
+        scores = F.avg_pool1d(probs.mean(1)[:, None], self.kernel, stride=1, padding=self.kernel // 2)[:, 0]
+        scores = kv_head_scores(scores, keys.shape[1], "mean")
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], w), float("inf"))], dim=-1)
+        idx = top_with_window(scores, n_keep, w)
+        return gather_tokens(keys, idx), gather_tokens(values, idx), idx
+
+
+MERGES = ("none", "average", "pivotal", "weighted")
+
+
+def merge_into_kept(keys, values, kept, merge: str):
+    """LOOK-M's merging: every evicted pair joins its most cosine-similar kept key (per head).
+
+    average:  k_c <- (k_c + sum k_e) / (1 + n_c)
+    pivotal:  each evicted key is first averaged with its pivot, then as average
+    weighted: only evictions whose similarity is above their head's mean, scaled by it:
+              (k_c + sum s_e k_e) / (1 + n_c)
+    Values follow their keys' assignments and weights. Returns the merged (1, h, k, d) tensors.
+    """
+    h, n, d = keys.shape[1], keys.shape[2], keys.shape[3]
+    k_kept, v_kept = gather_tokens(keys, kept)[0], gather_tokens(values, kept)[0]  # (h, k, d)
+    if merge == "none":
+        return k_kept[None], v_kept[None]
+    evict_mask = torch.ones(h, n, dtype=torch.bool, device=keys.device).scatter_(1, kept, False)
+    ev = evict_mask.nonzero()[:, 1].view(h, -1)  # every head evicts the same number of tokens
+    k_ev, v_ev = gather_tokens(keys, ev)[0], gather_tokens(values, ev)[0]  # (h, e, d)
+    sim = F.normalize(k_ev.float(), dim=-1) @ F.normalize(k_kept.float(), dim=-1).transpose(1, 2)
+    best, target = sim.max(-1)  # (h, e)
+    weight = torch.ones_like(best)
+    if merge == "pivotal":
+        k_src = (k_ev + k_kept.gather(1, target[..., None].expand(-1, -1, d))) / 2
+        v_src = (v_ev + v_kept.gather(1, target[..., None].expand(-1, -1, d))) / 2
+    else:
+        k_src, v_src = k_ev, v_ev
+        if merge == "weighted":
+            weight = torch.where(best >= best.mean(-1, keepdim=True), best, torch.zeros_like(best))
+            k_src, v_src = k_src * weight[..., None], v_src * weight[..., None]
+    joins = (weight > 0).to(k_kept.dtype)  # evictions that take part (all but filtered-out weighted ones)
+    idx = target[..., None].expand(-1, -1, d)
+    count = torch.ones(h, k_kept.shape[1], device=keys.device, dtype=k_kept.dtype).scatter_add_(1, target, joins)
+    k_new = k_kept.scatter_add(1, idx, k_src.to(k_kept.dtype)) / count[..., None]
+    v_new = v_kept.scatter_add(1, idx, v_src.to(v_kept.dtype)) / count[..., None]
+    return k_new[None], v_new[None]
+
+
+@register
+@dataclass
+class LookM(KVMethod):
+    """LOOK-M (Wan et al., EMNLP Findings 2024): look-once KV optimisation for multimodal long context.
+
+    Rule: text-prior eviction: the recent window (``recent_ratio`` of the budget) and the text
+    tokens are kept first, image tokens compete for the rest by accumulated attention (per KV
+    head); each evicted pair is then merged into its most cosine-similar kept key by ``merge``
+    (none | average | pivotal | weighted). Paper setting: 10% heavy hitters + 10% recent.
+    """
+
+    name = "lookm"
+    budget: float | int = 0.2
+    recent_ratio: float = 0.5
+    merge: str = "average"
+    text_prior: bool = True
+
+    def validate(self, ctx):
+        if self.merge not in MERGES:
+            raise MethodError(f"lookm: merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+        if not 0 <= self.recent_ratio < 1:
+            raise MethodError(f"lookm: recent_ratio must be in [0, 1), got {self.recent_ratio!r}")
+        super().validate(ctx)
+
+    def compress(self, ctx, layer, keys, values, n_keep):
+        scores = accumulated_attention(ctx, layer, keys.shape[1])
+        if self.text_prior:  # text outranks every image token; images compete among themselves
+            scores = scores - ctx.cache_is_image(layer).to(scores.dtype) * (scores.max() + 1)
+        kept = top_with_window(scores, n_keep, int(n_keep * self.recent_ratio))
+        k, v = merge_into_kept(keys, values, kept, self.merge)
+        return k, v, kept
+
+
+def merging_sets(keys: torch.Tensor, threshold: float) -> torch.Tensor:
+    """KVMerger's merging sets: maximal runs of adjacent tokens whose consecutive keys have cosine
+    similarity > ``threshold``. ``keys`` (heads, n, d); returns each token's set id per head (heads, n)."""
+    sim = F.cosine_similarity(keys[:, 1:].float(), keys[:, :-1].float(), dim=-1)  # (heads, n - 1)
+    starts = torch.cat([torch.ones_like(sim[:, :1], dtype=torch.long), (sim <= threshold).long()], dim=1)
+    return starts.cumsum(1) - 1
+
+
+def gaussian_merge(k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, kept: torch.Tensor, sets: torch.Tensor):
+    """One head: fold each set's evicted states into the set's most attended kept state (the pivot)
+    with weights exp(-||k_i - k_p||^2 / (2 sigma^2)), sigma^2 = the set's mean squared distance to
+    the pivot (the pivot weighs 1). ``k``, ``v`` (n, d) float; returns them and the merge count."""
+    n = k.shape[0]
+    is_kept = torch.zeros(n, dtype=torch.bool, device=k.device)
+    is_kept[kept] = True
+    s = torch.where(is_kept, score, torch.full_like(score, -float("inf")))
+    n_sets = int(sets.max()) + 1
+    best = torch.full((n_sets,), -float("inf"), device=k.device).scatter_reduce(0, sets, s, "amax")
+    is_pivot = is_kept & (s == best[sets])
+    pivot_of_set = torch.full((n_sets,), -1, dtype=torch.long, device=k.device)
+    pivot_of_set[sets[is_pivot]] = torch.nonzero(is_pivot).flatten()
+    pivot = pivot_of_set[sets]  # -1: the set kept nothing, its states are simply evicted
+    merging = ~is_kept & (pivot >= 0)
+    if not merging.any():
+        return k, v, 0
+    src, dst = torch.nonzero(merging).flatten(), pivot[merging]
+    d2 = (k[src] - k[dst]).pow(2).sum(-1)
+    cnt = torch.zeros(n, device=k.device).index_add_(0, dst, torch.ones_like(d2))
+    sigma2 = (torch.zeros(n, device=k.device).index_add_(0, dst, d2) / cnt.clamp(min=1)).clamp(min=1e-12)
+    w = torch.exp(-d2 / (2 * sigma2[dst]))
+    wsum = torch.ones(n, device=k.device).index_add_(0, dst, w)
+    k = k.index_add(0, dst, k[src] * w[:, None]) / wsum[:, None]
+    v = v.index_add(0, dst, v[src] * w[:, None]) / wsum[:, None]
+    return k, v, int(merging.sum())
+
+
+@register
+@dataclass
+class KVMerger(KVMethod):
+    """KVMerger (Wang et al., 2024): adaptive KV merging from adjacent-key similarity.
+
+    Rule: per KV head, merging sets are runs of adjacent tokens whose keys have cosine
+    similarity > ``threshold``; the budget keeps the recent window (``recent_ratio``) plus the
+    most attended tokens (accumulated attention, as H2O); each set's most attended kept token
+    is its pivot and the set's evicted states are merged into it with Gaussian-kernel weights
+    (``gaussian_merge``). Paper budgets: 50% and 35%.
+    """
+
+    name = "kvmerger"
+    budget: float | int = 0.5
+    threshold: float = 0.75
+    recent_ratio: float = 0.5
+
+    def validate(self, ctx):
+        if not -1 <= self.threshold <= 1:
+            raise MethodError(f"kvmerger: threshold is a cosine similarity in [-1, 1], got {self.threshold!r}")
+        if not 0 <= self.recent_ratio < 1:
+            raise MethodError(f"kvmerger: recent_ratio must be in [0, 1), got {self.recent_ratio!r}")
+        super().validate(ctx)
+
+    def compress(self, ctx, layer, keys, values, n_keep):
+        scores = accumulated_attention(ctx, layer, keys.shape[1])
+        kept = top_with_window(scores, n_keep, int(n_keep * self.recent_ratio))
+        sets = merging_sets(keys[0], self.threshold)
+        k, v, merged = keys[0].float().clone(), values[0].float().clone(), 0
+        for h in range(keys.shape[1]):
+            k[h], v[h], m = gaussian_merge(k[h], v[h], scores[h], kept[h], sets[h])
+            merged += m
+        ctx.trace.extra.setdefault("kv_merged", {})[layer] = merged
+        return gather_tokens(k[None].to(keys.dtype), kept), gather_tokens(v[None].to(values.dtype), kept), kept
