@@ -16,6 +16,7 @@ prompt token's position + 1. One sample at a time (batch size 1).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
@@ -222,13 +223,32 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
 def run(bundle, sample, methods: list[Method] | tuple = (), *, max_new_tokens: int | None = None,
         attention_layers: tuple[int, ...] | list[int] = (), all_logits: bool = False,
         sample_index: int = 0) -> Trace:
-    """Prefill + greedy decode of one sample under ``methods``; returns the Trace."""
-    p = prefill(bundle, sample, methods, attention_layers=attention_layers, all_logits=all_logits,
+    """Prefill + greedy decode of one sample under ``methods``; returns the Trace.
+
+    A sample encoded with a ``context_len`` (``query_after=True``) is prefilled up to it, the
+    methods compress that context, then the question's tokens are fed over the compressed
+    cache (counted like decode tokens in the Trace) before generation starts.
+    """
+    inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
+    query = None
+    if inputs.context_len is not None:
+        query = inputs.input_ids[:, inputs.context_len:]
+        inputs = dataclasses.replace(inputs, input_ids=inputs.input_ids[:, :inputs.context_len], context_len=None)
+    p = prefill(bundle, inputs, methods, attention_layers=attention_layers, all_logits=all_logits,
                 sample_index=sample_index)
     trace, cache, lm = p.trace, p.cache, bundle.decoder
     max_new = bundle.max_new_tokens if max_new_tokens is None else max_new_tokens
     next_pos, step_ms, ids, stop = p.next_position, [], [], bundle.stop_ids
-    token = int(p.logits[-1].argmax())
+    logits = p.logits[-1]
+    if query is not None and query.shape[1]:
+        t, lengths = time.perf_counter(), cache.lengths()
+        logits = extend(bundle, cache, query, next_pos)[-1]
+        trace.decode_kv_lengths += [[n + j + 1 for n in lengths] for j in range(query.shape[1])]
+        trace.timings["query_ms"] = (time.perf_counter() - t) * 1e3
+        trace.extra["query_tokens"] = query.shape[1]
+        trace.logits = logits.cpu()
+        next_pos = next_pos + query.shape[1]
+    token = int(logits.argmax())
     with torch.inference_mode():
         for step in range(max_new):
             if token in stop:

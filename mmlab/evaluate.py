@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,13 @@ def normalise(text: str) -> str:
     return words[0] if words else ""
 
 
+def is_correct(pred: str, sample) -> bool:
+    """First word, case-insensitive (VQA); or the answer anywhere in the reply (``match="contains"``)."""
+    if getattr(sample, "match", "first_word") == "contains":
+        return sample.answer.lower() in pred.lower()
+    return normalise(pred) == normalise(sample.answer)
+
+
 @dataclass
 class EvalResult:
     accuracy: float  # overall, 0..1
@@ -31,6 +39,7 @@ class EvalResult:
     kv_bytes: float  # mean KV-cache bytes held after prefill
     prefill_ms: float  # median prefill wall-clock
     method_ms: float  # median time spent inside the methods' stages (selection overhead)
+    decode_ms: float  # median of the per-sample median ms per generated token (NaN: one-token answers)
     n: int
     rows: list[dict] = field(default_factory=list, repr=False)  # one per sample
 
@@ -46,7 +55,7 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         """Flat metrics for ``mmlab.record`` / tables."""
         out = {"accuracy": self.accuracy, "tflops": self.tflops, "kv_bytes": self.kv_bytes,
-               "prefill_ms": self.prefill_ms, "method_ms": self.method_ms, "n": self.n}
+               "prefill_ms": self.prefill_ms, "method_ms": self.method_ms, "decode_ms": self.decode_ms, "n": self.n}
         out.update({f"acc_{k}": v for k, v in self.by_type.items()})
         return out
 
@@ -59,9 +68,10 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
     for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress, mininterval=2)):
         tr = run(bundle, s, methods, max_new_tokens=max_new_tokens, sample_index=i)
         rows.append({"uid": getattr(s, "uid", i), "qtype": getattr(s, "qtype", "all"), "answer": s.answer,
-                     "pred": tr.answer, "correct": normalise(tr.answer) == normalise(s.answer),
+                     "pred": tr.answer, "correct": is_correct(tr.answer, s),
                      "prefill_flops": tr.flops["prefill"], "kv_bytes": tr.kv_bytes,
                      "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
+                     "decode_ms": tr.timings.get("decode_ms_per_token", float("nan")),
                      "image_tokens": tr.image_tokens_per_layer()[0],
                      "mean_tokens_per_layer": sum(tr.tokens_per_layer) / len(tr.tokens_per_layer)})
     by_type: dict[str, list[bool]] = {}
@@ -74,40 +84,72 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
         kv_bytes=statistics.fmean(r["kv_bytes"] for r in rows),
         prefill_ms=statistics.median(r["prefill_ms"] for r in rows),
         method_ms=statistics.median(r["method_ms"] for r in rows),
+        decode_ms=_median_finite(r["decode_ms"] for r in rows),
         n=len(rows), rows=rows)
 
 
+def _median_finite(values) -> float:
+    vals = [v for v in values if math.isfinite(v)]
+    return statistics.median(vals) if vals else float("nan")
+
+
 def keep_param(name: str) -> str:
-    """The parameter that sets how many visual tokens a method keeps (``keep_ratio``, or ``ratio``)."""
+    """The parameter that sets how much a method keeps: ``keep_ratio`` / ``ratio`` (visual tokens)
+    or ``budget`` (KV cache)."""
     import dataclasses
 
     from mmlab.methods.base import _REGISTRY
 
     fields = {f.name for f in dataclasses.fields(_REGISTRY[name])} if name in _REGISTRY else set()
-    for p in ("keep_ratio", "ratio"):
+    for p in ("keep_ratio", "ratio", "budget"):
         if p in fields:
             return p
-    raise MethodError(f"method {name!r} has no keep_ratio / ratio parameter to sweep")
+    raise MethodError(f"method {name!r} has no keep_ratio / ratio / budget parameter to sweep")
 
 
-def keep_ratio_grid(bundle, samples, methods: list[str], keep_ratios: list[float], *, progress: bool = True):
-    """Accuracy, per-type accuracy, FLOPs and times of every method at every keep ratio, plus the
-    unpruned model: one row per (method, keep_ratio) in a DataFrame (``flops_ratio`` = dense / method)."""
+def _column(name: str) -> str:
+    return "budget" if keep_param(name) == "budget" else "keep_ratio"
+
+
+def method_grid(bundle, samples, methods: list[str], values: list[float], *, progress: bool = True):
+    """Accuracy, per-type accuracy, FLOPs, KV bytes and times of every method at every keep
+    ratio / budget, plus the unmodified model (method ``none`` at 1.0): one row per point
+    (``flops_ratio`` = unmodified / method prefill FLOPs; the value column is ``keep_ratio``
+    for visual-token methods, ``budget`` for KV methods)."""
     import pandas as pd
 
     from mmlab.methods.base import get
 
     dense = evaluate(bundle, samples, [], progress=False)
-    rows = [{"method": "none", "keep_ratio": 1.0, **dense.metrics(),
-             "image_tokens_layer0": statistics.fmean(r["image_tokens"] for r in dense.rows)}]
-    points = [(m, r) for m in methods for r in keep_ratios]
-    for name, ratio in tqdm(points, desc="methods x keep ratios", disable=not progress):
-        res = evaluate(bundle, samples, [get(name, **{keep_param(name): ratio})], progress=False)
-        img = statistics.fmean(r["image_tokens"] for r in res.rows)
-        rows.append({"method": name, "keep_ratio": ratio, **res.metrics(), "image_tokens_layer0": img})
+    img = lambda res: statistics.fmean(r["image_tokens"] for r in res.rows)  # noqa: E731
+    cols = {_column(n) for n in methods} or {"keep_ratio"}
+    rows = [{"method": "none", **{c: 1.0 for c in cols}, **dense.metrics(), "image_tokens_layer0": img(dense)}]
+    points = [(m, v) for m in methods for v in values]
+    for name, value in tqdm(points, desc="methods x settings", disable=not progress):
+        res = evaluate(bundle, samples, [get(name, **{keep_param(name): value})], progress=False)
+        rows.append({"method": name, _column(name): value, **res.metrics(), "image_tokens_layer0": img(res)})
     df = pd.DataFrame(rows)
     df["flops_ratio"] = dense.flops / (df.tflops * 1e12)
     return df
+
+
+def perplexity_grid(bundle, text: str, methods: list[str], budgets: list[float], *, window: int = 1024,
+                    context: int = 768, max_windows: int = 4, progress: bool = True):
+    """Continuation perplexity (``context`` tokens prefilled and compressed, the rest of each
+    ``window`` scored) of every KV method at every budget, plus the uncompressed cache."""
+    import pandas as pd
+
+    from mmlab.methods.base import get
+
+    points = [("none", 1.0)] + [(m, b) for m in methods for b in budgets]
+    rows = []
+    for name, budget in tqdm(points, desc="perplexity x budgets", disable=not progress):
+        ms = [] if name == "none" else [get(name, **{keep_param(name): budget})]
+        t = time.perf_counter()
+        r = perplexity(bundle, text, ms, window=window, context=context, max_windows=max_windows, progress=False)
+        rows.append({"method": name, "budget": budget, "perplexity": r.perplexity, "nll": r.nll,
+                     "kv_bytes": r.kv_bytes, "tokens": r.n_tokens, "seconds": time.perf_counter() - t})
+    return pd.DataFrame(rows)
 
 
 @dataclass

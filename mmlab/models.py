@@ -33,6 +33,9 @@ class Inputs:
     pixel_values: torch.Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # image_sizes / image_grid_thw / ...
     images: list = field(default_factory=list)  # PIL images, for drawing
+    # tokens [0, context_len) are prefilled (methods act there); the rest, the question, is fed
+    # after the prefill's methods (e.g. KV compression of a long context before the query arrives)
+    context_len: int | None = None
 
     def model_kwargs(self) -> dict:
         """What the stock ``model(...)`` / ``generate(...)`` takes besides ``input_ids``."""
@@ -90,18 +93,41 @@ class Bundle:
         return d
 
     # --- prompts ------------------------------------------------------------------------
+    @staticmethod
+    def _field(sample, key, default=None):
+        return sample.get(key, default) if isinstance(sample, dict) else getattr(sample, key, default)
+
     def _images_and_text(self, sample) -> tuple[list, str]:
         if isinstance(sample, str):
             return [], sample
         if isinstance(sample, dict) and "prompt" in sample:
             return list(sample.get("images", [])), sample["prompt"]
-        if isinstance(sample, dict):
-            return list(sample.get("images", [])), sample["question"]
-        return [sample.image], sample.question
+        images = self._field(sample, "images")
+        if images is None:
+            image = self._field(sample, "image")
+            images = [] if image is None else [image]
+        context = self._field(sample, "context")
+        question = self._field(sample, "question")
+        return list(images), question if context is None else f"{context}\n\n{question}"
+
+    def _split(self, prompt: str, ids: torch.Tensor, sample, **tok_kw) -> int | None:
+        """Token index where the question starts, for samples that ask for ``query_after``."""
+        if not self._field(sample, "query_after", False):
+            return None
+        if self.kind not in ("tiny-llava", "causal_lm"):
+            raise MethodError(f"query_after (question fed after compressing the context) is supported for "
+                              f"tiny-llava and text LMs, not {self.kind}")
+        start = prompt.rfind(self._field(sample, "question"))
+        offsets = self.tokenizer(prompt, return_offsets_mapping=True, **tok_kw)["offset_mapping"]
+        split = next(i for i, (a, _) in enumerate(offsets) if a >= start)
+        assert len(offsets) == ids.shape[1]
+        return split
 
     def encode(self, sample) -> Inputs:
         """Tokenise a sample: ``data.shapes.Sample``, ``{"images": [...], "question": str}``, a question
-        string (chat template applied where the model has one) or ``{"prompt": str}`` (raw text)."""
+        string (chat template applied where the model has one), ``{"prompt": str}`` (raw text), or
+        ``{"context": str, "question": str}``. With ``query_after=True`` the question's tokens are
+        fed after the context's prefill and its methods (``Inputs.context_len``)."""
         images, text = self._images_and_text(sample)
         if images and not self.multimodal:
             raise MethodError(f"{self.name} is a text-only model; pass text, not an image sample")
@@ -113,14 +139,15 @@ class Bundle:
                 raise MethodError("tiny-llava answers questions about an image; give it an image sample")
             prompt = prompt_text(text, [n] * len(images))
             ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-            return Inputs(ids, pixel_values(images), images=images)
+            return Inputs(ids, pixel_values(images), images=images,
+                          context_len=self._split(prompt, ids, sample, add_special_tokens=False))
         if self.kind == "causal_lm":
             raw = isinstance(sample, dict) and "prompt" in sample  # {"prompt": text}: no chat template
             if getattr(self.tokenizer, "chat_template", None) and not raw:
                 text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                           add_generation_prompt=True)
             ids = self.tokenizer(text, return_tensors="pt").input_ids
-            return Inputs(ids)
+            return Inputs(ids, context_len=self._split(text, ids, sample))
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         tmpl = getattr(self.processor, "chat_template", None)
         prompt = (self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

@@ -118,11 +118,83 @@ def pruning_table(df: pd.DataFrame) -> pd.DataFrame:
     return t.round(1)
 
 
+def _kv_rows(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.Series | None]:
+    if "status" in df:
+        df = df[df.status == "ok"]
+    df = df[df.task == task]
+    metrics = [c for c in ("perplexity", "accuracy", "kv_bytes", "decode_ms", "prefill_ms", "method_ms")
+               if c in df.columns]
+    g = df.groupby(["method", "budget"], as_index=False)[metrics].mean()
+    none = g[g.method == "none"]
+    return g[g.method != "none"], (none.iloc[0] if len(none) else None)
+
+
+def _kv_plot(df: pd.DataFrame, task: str, metric: str, ylabel: str, title: str, log: bool = False):
+    import matplotlib.pyplot as plt
+
+    rows, none = _kv_rows(df, task)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, g in rows.groupby("method"):
+        g = g.sort_values("budget")
+        ax.plot(g.budget * 100, g[metric] * (100 if metric == "accuracy" else 1), marker="o", label=name)
+    if none is not None:
+        ax.axhline(none[metric] * (100 if metric == "accuracy" else 1), color="k", ls="--", lw=1, label="full cache")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("KV budget (% of the context's cache kept)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def kv_perplexity(df: pd.DataFrame):
+    """Continuation perplexity vs KV budget (smollm2-135m, offline corpus)."""
+    return _kv_plot(df, "perplexity", "perplexity", "continuation perplexity", "smollm2-135m: perplexity vs KV budget",
+                    log=True)
+
+
+def kv_needle(df: pd.DataFrame):
+    """Pass-code retrieval accuracy vs KV budget (question fed after the context is compressed)."""
+    return _kv_plot(df, "needle", "accuracy", "retrieval accuracy (%)", "smollm2-135m: pass-code retrieval")
+
+
+def kv_multi_image(df: pd.DataFrame):
+    """tiny-llava, several images per prompt: accuracy vs KV budget (LOOK-M's text prior vs H2O, ...)."""
+    return _kv_plot(df, "multi_image", "accuracy", "accuracy (%)", "tiny-llava, multi-image context")
+
+
+def kv_cost(df: pd.DataFrame):
+    """Measured cache bytes and decode ms / token vs budget (needle prompts, smollm2-135m)."""
+    import matplotlib.pyplot as plt
+
+    rows, none = _kv_rows(df, "needle")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for name, g in rows.groupby("method"):
+        g = g.sort_values("budget")
+        axes[0].plot(g.budget * 100, g.kv_bytes / 2**20, marker="o", label=name)
+        axes[1].plot(g.budget * 100, g.decode_ms, marker="o", label=name)
+    if none is not None:
+        axes[0].axhline(none.kv_bytes / 2**20, color="k", ls="--", lw=1, label="full cache")
+        axes[1].axhline(none.decode_ms, color="k", ls="--", lw=1, label="full cache")
+    axes[0].set_ylabel("KV cache after prefill (MiB)")
+    axes[1].set_ylabel("decode ms / token (median)")
+    for ax in axes:
+        ax.set_xlabel("KV budget (%)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "baseline_random_accuracy": ("baseline_random", baseline_random_accuracy),
     "token_pruning_accuracy": ("token_pruning", pruning_accuracy),
     "token_pruning_tflops": ("token_pruning", pruning_accuracy_vs_tflops),
     "token_pruning_per_type": ("token_pruning", pruning_per_type),
+    "kv_perplexity": ("kv_cache", kv_perplexity),
+    "kv_needle": ("kv_cache", kv_needle),
+    "kv_multi_image": ("kv_cache", kv_multi_image),
+    "kv_cost": ("kv_cache", kv_cost),
 }
 
 

@@ -4,6 +4,7 @@
 - ``draw_attention``: one layer's (and head's) attention from the last prompt token over
   the image tokens, on the image grid.
 - ``draw_merges``: the image coloured by merge group (pool, AIM), survivors outlined.
+- ``key_similarity_map``: adjacent-key cosine similarity along the sequence, per layer (KVMerger).
 - ``attention_share``: per layer, the share of the last prompt token's attention that
   image / text tokens receive (FastV's observation).
 - ``plot_tokens_per_layer``: per-layer token counts of several traces.
@@ -108,6 +109,14 @@ def attention_share(trace: Trace):
         rows.append({"layer": layer, "image_share": img, "text_share": txt, "image_tokens": n_img,
                      "text_tokens": n_txt, "image_per_token": img / max(1, n_img), "text_per_token": txt / max(1, n_txt)})
     return pd.DataFrame(rows)
+
+
+def key_similarity_map(cache) -> np.ndarray:
+    """KVMerger's observation: (layers, n - 1) cosine similarity of each cached key with the previous
+    token's key, mean over KV heads, from a prefill's cache (``mmlab.prefill(...).cache``)."""
+    from mmlab.methods.kv_cache import adjacent_key_similarity
+
+    return np.stack([adjacent_key_similarity(k[0]).mean(0).cpu().numpy() for k in cache.keys])
 
 
 def attention_grid(trace: Trace, layer: int, head: int | None = None, image_index: int = 0) -> np.ndarray:

@@ -193,3 +193,33 @@ def vocabulary() -> list[str]:
              "right", "a", "small", "shape", "yes", "no", "on"}
     words |= set(SHAPES) | set(COLORS) | set(NUMBERS)
     return sorted(words)
+
+
+@dataclass
+class MultiImageSample:
+    """Several images in one prompt; the question is about the last one (the others are context
+    that a KV method may compress). ``query_after``: the question is fed after that compression."""
+
+    images: list
+    question: str
+    answer: str
+    qtype: str
+    uid: str = ""
+    query_after: bool = True
+
+    def __repr__(self) -> str:
+        return f"MultiImageSample({self.uid!r}, {len(self.images)} images, {self.question!r} -> {self.answer!r})"
+
+
+def multi_image(n: int = 100, n_images: int = 3, seed: int = 0, split: str = "test") -> list[MultiImageSample]:
+    """``n`` prompts of ``n_images`` shapes scenes each: ``n_images - 1`` distractor scenes, then the
+    scene the question is about (last, nearest the question). Deterministic from (split, seed, index)."""
+    if n < 1 or n_images < 1:
+        raise ValueError(f"n and n_images must be >= 1, got n={n}, n_images={n_images}")
+    out = []
+    for i in range(n):
+        target = make_sample(i, seed, split)
+        others = [make_sample(i * n_images + j, seed + 1000, split).image for j in range(n_images - 1)]
+        out.append(MultiImageSample([*others, target.image], target.question, target.answer, target.qtype,
+                                    f"{target.uid}-x{n_images}"))
+    return out

@@ -4,13 +4,17 @@
 their public classes and functions), in a fixed order: real English technical prose,
 identical on every machine with the same Python minor version.
 ``wikitext2()``: WikiText-2 (raw, test split) through ``datasets`` when online.
+``needle(tokenizer, ...)``: long-context retrieval prompts built from the offline corpus
+(a pass code hidden at a chosen depth of a chosen number of filler tokens).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import random
 import sys
+from dataclasses import dataclass
 
 STDLIB_MODULES = (
     "argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
@@ -60,3 +64,46 @@ def wikitext2(split: str = "test") -> str:
                            "connection; offline, use mmlab.data.offline_corpus()") from e
     ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
     return "\n\n".join(ds["text"])
+
+
+@dataclass
+class TextQA:
+    """A long context and a question about it; correct when the answer appears in the reply."""
+
+    context: str
+    question: str
+    answer: str
+    qtype: str
+    uid: str = ""
+    match: str = "contains"
+    query_after: bool = True  # the question is fed after the context's KV is compressed
+
+    def __repr__(self) -> str:
+        return f"TextQA({self.uid!r}, {len(self.context)} chars, {self.question!r} -> {self.answer!r})"
+
+
+def needle(tokenizer, lengths=(512, 1024), depths=(0.1, 0.5, 0.9), per_cell: int = 2, seed: int = 0,
+           query_after: bool = True) -> list[TextQA]:
+    """Pass-code retrieval: ``per_cell`` prompts for every (length, depth). Each context is
+    ``length`` tokens of the offline corpus (a random stretch) with "The secret pass code is
+    NNNNN." inserted at relative ``depth``; the question asks for the code. ``qtype`` is
+    ``L{length}-d{depth}``."""
+    if any(not 0 <= d <= 1 for d in depths) or any(n < 16 for n in lengths) or per_cell < 1:
+        raise ValueError(f"depths must be in [0, 1], lengths >= 16 tokens and per_cell >= 1; "
+                         f"got depths={depths}, lengths={lengths}, per_cell={per_cell}")
+    ids = tokenizer(offline_corpus(), add_special_tokens=False).input_ids
+    out = []
+    for length in lengths:
+        for depth in depths:
+            for k in range(per_cell):
+                rng = random.Random(f"{seed}-{length}-{depth}-{k}")
+                start = rng.randrange(0, len(ids) - length)
+                filler = tokenizer.decode(ids[start:start + length])
+                cut = filler.rfind(" ", 0, int(len(filler) * depth)) if depth > 0 else 0
+                cut = max(cut, 0)
+                code = str(rng.randrange(10000, 100000))
+                context = f"{filler[:cut]} The secret pass code is {code}. {filler[cut:]}"
+                out.append(TextQA(context, "What is the secret pass code? Answer with the number only.", code,
+                                  f"L{length}-d{depth}", f"needle-{seed}-{length}-{depth}-{k}",
+                                  query_after=query_after))
+    return out

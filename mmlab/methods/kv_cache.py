@@ -242,10 +242,15 @@ class LookM(KVMethod):
         return k, v, kept
 
 
+def adjacent_key_similarity(keys: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each key with the previous token's key, per head: (heads, n, d) -> (heads, n - 1)."""
+    return F.cosine_similarity(keys[:, 1:].float(), keys[:, :-1].float(), dim=-1)
+
+
 def merging_sets(keys: torch.Tensor, threshold: float) -> torch.Tensor:
     """KVMerger's merging sets: maximal runs of adjacent tokens whose consecutive keys have cosine
     similarity > ``threshold``. ``keys`` (heads, n, d); returns each token's set id per head (heads, n)."""
-    sim = F.cosine_similarity(keys[:, 1:].float(), keys[:, :-1].float(), dim=-1)  # (heads, n - 1)
+    sim = adjacent_key_similarity(keys)
     starts = torch.cat([torch.ones_like(sim[:, :1], dtype=torch.long), (sim <= threshold).long()], dim=1)
     return starts.cumsum(1) - 1
 
