@@ -176,7 +176,10 @@ def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: 
                          lines[-1] if lines else f"papermill exited {proc.returncode}")
     except subprocess.TimeoutExpired:
         status, error = "failed", f"timed out after {timeout:.0f} s"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    try:
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    except ValueError:
+        metrics, status, error = {}, "failed", f"unreadable metrics file {metrics_path.name}"
     metrics_path.unlink(missing_ok=True)
     if nb_partial.exists():
         nb_partial.replace(out_dir / f"{rid}.ipynb")
@@ -202,9 +205,15 @@ def run_sweep(sweep: Sweep, jobs: int = 1, progress: bool = True) -> dict:
     bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="run", disable=not progress)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads only wait on run processes
         futures = {pool.submit(execute_run, sweep.notebook, sweep.output, rid, p, sweep.timeout, commit,
-                               sweep.name, threads): rid for rid, p in todo}
+                               sweep.name, threads): (rid, p) for rid, p in todo}
         for fut in as_completed(futures):
-            res = fut.result()
+            try:
+                res = fut.result()
+            except Exception as e:  # the runner itself failed for this run: record it, keep going
+                rid, p = futures[fut]
+                res = {"run_id": rid, "sweep": sweep.name, "status": "failed", "parameters": p, "metrics": {},
+                       "error": f"runner: {type(e).__name__}: {e}", "git_commit": commit}
+                _write_json(sweep.output / f"{rid}.json", res)
             counts[res["status"]] += 1
             if res["status"] != "ok":
                 bar.write(f"FAILED {res['run_id']}: {res['error']}")

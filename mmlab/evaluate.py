@@ -115,7 +115,8 @@ def method_grid(bundle, samples, methods: list[str], values: list[float], *, pro
     """Accuracy, per-type accuracy, FLOPs, KV bytes and times of every method at every keep
     ratio / budget, plus the unmodified model (method ``none`` at 1.0): one row per point
     (``flops_ratio`` = unmodified / method prefill FLOPs; the value column is ``keep_ratio``
-    for visual-token methods, ``budget`` for KV methods)."""
+    for visual-token methods, ``budget`` for KV methods). A setting a method refuses on these
+    inputs (``MethodError``) gets a row with its ``error`` and no metrics."""
     import pandas as pd
 
     from mmlab.methods.base import get
@@ -126,7 +127,11 @@ def method_grid(bundle, samples, methods: list[str], values: list[float], *, pro
     rows = [{"method": "none", **{c: 1.0 for c in cols}, **dense.metrics(), "image_tokens_layer0": img(dense)}]
     points = [(m, v) for m in methods for v in values]
     for name, value in tqdm(points, desc="methods x settings", disable=not progress):
-        res = evaluate(bundle, samples, [get(name, **{keep_param(name): value})], progress=False)
+        try:
+            res = evaluate(bundle, samples, [get(name, **{keep_param(name): value})], progress=False)
+        except MethodError as e:  # a setting the rule refuses here (e.g. budget below SnapKV's window)
+            rows.append({"method": name, _column(name): value, "error": str(e)})
+            continue
         rows.append({"method": name, _column(name): value, **res.metrics(), "image_tokens_layer0": img(res)})
     df = pd.DataFrame(rows)
     df["flops_ratio"] = dense.flops / (df.tflops * 1e12)
@@ -146,7 +151,11 @@ def perplexity_grid(bundle, text: str, methods: list[str], budgets: list[float],
     for name, budget in tqdm(points, desc="perplexity x budgets", disable=not progress):
         ms = [] if name == "none" else [get(name, **{keep_param(name): budget})]
         t = time.perf_counter()
-        r = perplexity(bundle, text, ms, window=window, context=context, max_windows=max_windows, progress=False)
+        try:
+            r = perplexity(bundle, text, ms, window=window, context=context, max_windows=max_windows, progress=False)
+        except MethodError as e:
+            rows.append({"method": name, "budget": budget, "error": str(e)})
+            continue
         rows.append({"method": name, "budget": budget, "perplexity": r.perplexity, "nll": r.nll,
                      "kv_bytes": r.kv_bytes, "tokens": r.n_tokens, "seconds": time.perf_counter() - t})
     return pd.DataFrame(rows)
