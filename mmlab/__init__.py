@@ -10,12 +10,12 @@
 
 from mmlab import data, figures, methods
 from mmlab.engine import prefill, run
-from mmlab.evaluate import evaluate, method_grid, perplexity, perplexity_grid
+from mmlab.evaluate import arank, evaluate, method_grid, perplexity, perplexity_grid
 from mmlab.methods.base import MethodError
 from mmlab.models import Bundle, load
 from mmlab.recording import record, record_rows
 from mmlab.trace import Trace
 
 __version__ = "0.1.0"
-__all__ = ["Bundle", "MethodError", "Trace", "data", "evaluate", "figures", "load", "method_grid", "methods",
+__all__ = ["Bundle", "MethodError", "Trace", "arank", "data", "evaluate", "figures", "load", "method_grid", "methods",
            "perplexity", "perplexity_grid", "prefill", "record", "record_rows", "run"]

@@ -62,15 +62,29 @@ class Tokens:
     positions: torch.Tensor  # (1, n) or (3, 1, n) for M-RoPE; RoPE position of each token
     source: torch.Tensor  # (n,) index of each token in the assembled prompt
     is_image: torch.Tensor  # (n,) bool
+    routed: torch.Tensor | None = None  # set by route(): the tokens the next layer processes
+    weights: torch.Tensor | None = None  # set by route(): per-token router weights (p-MoD's STRing)
 
     def __len__(self) -> int:
         return self.hidden.shape[1]
+
+    def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """Mixture-of-Depths: only ``indices`` go through the *next* layer (attention + MLP, and
+        only they write its KV); the others pass it unchanged on the residual stream and stay
+        for the layers after. With ``weights`` (n,), the layer computes x + attn + w * mlp for
+        routed tokens and w * x for skipped ones (p-MoD's STRing reweighting)."""
+        idx = torch.as_tensor(indices, device=self.hidden.device).long().sort().values
+        if idx.numel() == 0 or idx[-1] >= len(self) or idx[0] < 0:
+            raise MethodError(f"route(): indices must be a non-empty subset of 0..{len(self) - 1}")
+        self.routed, self.weights = idx, weights
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only ``indices`` (into the current sequence) from now on; order is preserved."""
         idx = torch.as_tensor(indices, device=self.hidden.device).long().sort().values
         if idx.numel() == 0 or idx[-1] >= len(self) or idx[0] < 0:
             raise MethodError(f"keep(): indices must be a non-empty subset of 0..{len(self) - 1}")
+        if self.routed is not None:
+            raise MethodError("keep() after route() in the same layer: prune first, then route")
         self.hidden = self.hidden.index_select(1, idx)
         self.positions = self.positions.index_select(-1, idx)
         self.source = self.source.index_select(0, idx)
@@ -115,6 +129,9 @@ class Context:
                               f"only the previous layer's (or layers requested with attention_layers=)")
         hidden, (cos, sin), keys = self._layer_inputs[layer]
         attn = self._layers[layer].self_attn
+        if not all(hasattr(attn, a) for a in ("q_proj", "head_dim", "scaling")):
+            raise MethodError(f"{self.model_name}: its attention layers ({type(attn).__name__}) have no q_proj / "
+                              f"head_dim / scaling to recompute attention scores from")
         n = hidden.shape[1]
         rows = torch.arange(n, device=hidden.device)[queries if queries is not None else slice(None)]
         rows = rows.reshape(-1)
@@ -145,6 +162,15 @@ def _call_layer(layer, hidden, positions, pe, cache, mask=None):
     out = layer(hidden, attention_mask=mask, position_ids=positions if positions.dim() == 2 else None,
                 past_key_values=cache, use_cache=True, position_embeddings=pe)
     return out[0] if isinstance(out, tuple) else out
+
+
+def _weighted_layer(layer, hidden, positions, pe, cache, w):
+    """A decoder layer computing x + attn(x) + w * mlp(x + attn(x)) (p-MoD's routed-token update)."""
+    h = layer.input_layernorm(hidden)
+    attn = layer.self_attn(hidden_states=h, attention_mask=None, position_ids=positions if positions.dim() == 2 else None,
+                           past_key_values=cache, use_cache=True, position_embeddings=pe)[0]
+    h = hidden + attn
+    return h + w[None, :, None].to(h.dtype) * layer.mlp(layer.post_attention_layernorm(h))
 
 
 @dataclass
@@ -194,10 +220,20 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
                 _timed(stage_ms, "method_ms", m.before_layer, ctx, i, tokens)
             if not keep_inputs:
                 ctx._layer_inputs.pop(i - 2, None)  # scores stay available one layer back only
-            trace.layer_tokens.append(tokens.source)
-            pe = lm.rotary_emb(tokens.hidden, tokens.positions)
-            hidden_in = tokens.hidden
-            tokens.hidden = _call_layer(layer, hidden_in, tokens.positions, pe, cache)
+            routed, weights, tokens.routed, tokens.weights = tokens.routed, tokens.weights, None, None
+            sel = slice(None) if routed is None else routed
+            trace.layer_tokens.append(tokens.source[sel])
+            hidden_in, positions = tokens.hidden[:, sel], tokens.positions[..., sel]
+            pe = lm.rotary_emb(hidden_in, positions)
+            if weights is None:
+                out = _call_layer(layer, hidden_in, positions, pe, cache)
+            else:
+                out = _weighted_layer(layer, hidden_in, positions, pe, cache, weights[sel])
+            if routed is None:
+                tokens.hidden = out
+            else:  # skipped tokens ride the residual stream (scaled by their weight under STRing)
+                skipped = tokens.hidden if weights is None else tokens.hidden * weights[None, :, None].to(out.dtype)
+                tokens.hidden = skipped.index_copy(1, routed, out)
             ctx._layer_inputs[i] = (hidden_in, pe, cache.keys[i])
             if i in attention_layers:
                 trace.attentions[i] = ctx.attention(i).cpu()

@@ -161,6 +161,21 @@ def perplexity_grid(bundle, text: str, methods: list[str], budgets: list[float],
     return pd.DataFrame(rows)
 
 
+def arank(bundle, samples) -> list[float]:
+    """gamma-MoD's ARank per decoder layer: the mean over heads (and over ``samples``, the
+    calibration set) of the rank of each layer's causal attention map, diagonal zeroed.
+    Scores are recomputed beside SDPA; a model whose attention cannot be recomputed raises."""
+    from mmlab.methods.mod import attention_rank
+
+    layers = list(range(bundle.n_layers))
+    per_layer = [[] for _ in layers]
+    for s in samples:
+        tr = run(bundle, s, attention_layers=layers, max_new_tokens=1)
+        for i in layers:
+            per_layer[i].append(attention_rank(tr.attentions[i]))
+    return [statistics.fmean(v) for v in per_layer]
+
+
 @dataclass
 class PerplexityResult:
     perplexity: float

@@ -21,6 +21,7 @@ NOOP = {
     "snapkv": {"budget": 1.0},
     "lookm": {"budget": 1.0},
     "kvmerger": {"budget": 1.0},
+    "mod": {"schedule": "constant", "ratio": 1.0},
 }
 
 

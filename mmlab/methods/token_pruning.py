@@ -181,7 +181,10 @@ def prune_by_last_token_attention(ctx, layer: int, tokens, n_keep: int) -> None:
     img = torch.nonzero(tokens.is_image).flatten()
     if img.numel() <= n_keep:
         return
-    scores = ctx.attention(layer - 1, queries=[len(tokens) - 1])[:, 0].mean(0)  # (n,)
+    scores = ctx.attention(layer - 1, queries=[-1])[:, 0].mean(0)  # (n,)
+    if scores.numel() != len(tokens):
+        raise MethodError("fastv / pdrop rank by the previous layer's attention over every live token, but that "
+                          "layer processed only some of them (mod routing); prune at a layer after a dense one")
     top = img[scores[img].topk(n_keep).indices]
     tokens.keep(torch.cat([torch.nonzero(~tokens.is_image).flatten(), top]))
 
