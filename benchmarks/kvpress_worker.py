@@ -12,6 +12,9 @@ import time
 import torch
 from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress
 from transformers import AutoModelForCausalLM, DynamicCache
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()
 
 PRESSES = {
     "snapkv": lambda ratio: SnapKVPress(compression_ratio=ratio, window_size=64, kernel_size=5),
@@ -27,6 +30,9 @@ def main():
     budgets = [float(b) for b in budgets.split(",")]
     models = {impl: AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval()
               for impl in ("sdpa", "eager")}
+    for model in models.values():  # warm-up, so the first timed configuration is not penalised
+        with torch.inference_mode():
+            model(input_ids=windows[0][None, :context])
     results = []
     for name, make in [("none", None), *PRESSES.items()]:
         for budget in ([1.0] if name == "none" else budgets):

@@ -103,6 +103,7 @@ class Context:
     sample_index: int = 0
     n_image_tokens: int = 0
     image_grid: tuple[int, int] | None = None  # (rows, cols) of one image's tokens, where they form a grid
+    extras: dict = field(default_factory=dict)  # what a checkpoint carries besides weights (e.g. MoD routers)
     scratch: dict = field(default_factory=dict)
     _layers: object = None
     _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin)) kept on demand
@@ -194,7 +195,7 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
     inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
     trace = Trace(methods=[str(m) for m in methods], dims=bundle.dims())
     ctx = Context(bundle.name, lm.config, n_layers, inputs.pixel_values is not None, trace,
-                  sample_index=sample_index, _layers=layers)
+                  sample_index=sample_index, extras=bundle.extras, _layers=layers)
     bad = [a for a in attention_layers if not 0 <= a < n_layers]
     if bad:
         raise MethodError(f"attention_layers {bad} out of range; this model has layers 0..{n_layers - 1}")

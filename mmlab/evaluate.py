@@ -37,6 +37,7 @@ class EvalResult:
     by_type: dict[str, float]  # question type -> accuracy
     flops: float  # mean prefill FLOPs of the language model (from the Traces' token counts)
     kv_bytes: float  # mean KV-cache bytes held after prefill
+    vision_retention: float  # mean over layers of the fraction of visual tokens each layer processed
     prefill_ms: float  # median prefill wall-clock
     method_ms: float  # median time spent inside the methods' stages (selection overhead)
     decode_ms: float  # median of the per-sample median ms per generated token (NaN: one-token answers)
@@ -55,6 +56,7 @@ class EvalResult:
     def metrics(self) -> dict[str, float]:
         """Flat metrics for ``mmlab.record`` / tables."""
         out = {"accuracy": self.accuracy, "tflops": self.tflops, "kv_bytes": self.kv_bytes,
+               "vision_retention": self.vision_retention,
                "prefill_ms": self.prefill_ms, "method_ms": self.method_ms, "decode_ms": self.decode_ms, "n": self.n}
         out.update({f"acc_{k}": v for k, v in self.by_type.items()})
         return out
@@ -73,6 +75,8 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
                      "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
                      "decode_ms": tr.timings.get("decode_ms_per_token", float("nan")),
                      "image_tokens": tr.image_tokens_per_layer()[0],
+                     "vision_retention": (sum(tr.image_tokens_per_layer()) / len(tr.layer_tokens)
+                                          / max(1, tr.n_image_tokens_in)),
                      "mean_tokens_per_layer": sum(tr.tokens_per_layer) / len(tr.tokens_per_layer)})
     by_type: dict[str, list[bool]] = {}
     for r in rows:
@@ -82,6 +86,7 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
         by_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         flops=statistics.fmean(r["prefill_flops"] for r in rows),
         kv_bytes=statistics.fmean(r["kv_bytes"] for r in rows),
+        vision_retention=statistics.fmean(r["vision_retention"] for r in rows),
         prefill_ms=statistics.median(r["prefill_ms"] for r in rows),
         method_ms=statistics.median(r["method_ms"] for r in rows),
         decode_ms=_median_finite(r["decode_ms"] for r in rows),

@@ -54,6 +54,7 @@ class Bundle:
     processor: Any = None
     max_new_tokens: int = 32
     load_seconds: float = 0.0
+    extras: dict = field(default_factory=dict)  # what the checkpoint carries besides weights (MoD routers)
 
     # --- what the engine drives -------------------------------------------------------
     @property
@@ -280,10 +281,16 @@ def _load_tiny(name: str) -> Bundle:
 
     path = CHECKPOINT_DIR / name
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{name} checkpoint not found at {path}; train it with `mmlab train-tiny`")
+        mod = f" --mod {name.split('-')[-1]}" if name.endswith(("-pmod", "-gmod")) else ""
+        raise FileNotFoundError(f"{name} checkpoint not found at {path}; train it with `mmlab train-tiny{mod}`")
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
     tok = PreTrainedTokenizerFast.from_pretrained(path)
-    return Bundle(name, model, tok, "tiny-llava", max_new_tokens=3)
+    extras = {}
+    if (path / "routers.pt").exists():  # a trained MoD variant (mmlab train-tiny --mod ...)
+        from mmlab.tiny.mod import load_routers
+
+        extras["mod"] = load_routers(path)
+    return Bundle(name, model, tok, "tiny-llava", max_new_tokens=3, extras=extras)
 
 
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,7 +15,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SMALL = {"n_samples": 4}
 # notebooks whose other parameters also need shrinking to run in seconds
 SMALLER = {"02_kv_merging.ipynb": {"needle_lengths": [256], "needle_depths": [0.5], "needle_per_cell": 1,
-                                   "ppl_windows": 1, "window": 512, "context": 384, "budgets": [0.5]}}
+                                   "ppl_windows": 1, "window": 512, "context": 384, "budgets": [0.5]},
+           "03_mod_ratios.ipynb": {"calibration": 2, "constant_ratios": [0.5]}}
 
 
 def test_there_are_notebooks():

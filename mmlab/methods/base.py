@@ -25,6 +25,7 @@ Stages, in the order the engine calls them (see ``mmlab/engine.py``):
 
 ``ctx`` offers: ``n_layers``, ``config`` (the text config), ``n_image_tokens`` (after
 image-feature methods), ``image_grid`` ((rows, cols) of one image's tokens, or None),
+``extras`` (what the checkpoint carries besides weights, e.g. trained MoD routers),
 ``trace``, ``scratch`` (dict), ``attention(layer, queries)`` and ``attention_logits``
 (pre-softmax, causal entries -inf).
 

@@ -116,3 +116,45 @@ class MoD(Method):
 def mean_retention(ratios: list[float]) -> float:
     """Average fraction of vision tokens processed per layer (0.5375 for PRD on 32 layers)."""
     return sum(ratios) / len(ratios)
+
+
+@register
+@dataclass
+class TrainedMoD(Method):
+    """p-MoD / gamma-MoD as trained (``mmlab train-tiny --mod pmod|gmod``): the model's own routers.
+
+    Rule: in each layer the trained schedule routes (or every routed layer at ``ratio`` when set),
+    the model's router scores the vision tokens; the top fraction goes through attention + MLP as
+    x + attn + w * mlp and the rest pass as w * x, with TanhNorm weights w = 0.2 tanh(r) + 1
+    (STRing); text tokens are always processed. Needs a checkpoint with routers
+    (``tiny-llava-pmod``, ``tiny-llava-gmod``).
+    """
+
+    name = "mod_trained"
+    family = "mod"
+    needs_image = True
+    ratio: float | None = None  # None: the trained schedule; a number: that ratio in every routed layer
+
+    def validate(self, ctx) -> None:
+        if "mod" not in ctx.extras:
+            raise MethodError(f"mod_trained routes with a model's trained routers and {ctx.model_name!r} has none; "
+                              f"load tiny-llava-pmod or tiny-llava-gmod (mmlab train-tiny --mod pmod|gmod)")
+        if self.ratio is not None and not 0 <= self.ratio <= 1:
+            raise MethodError(f"mod_trained: ratio must be in [0, 1] or None, got {self.ratio!r}")
+        super().validate(ctx)
+
+    def ratios(self, ctx) -> list[float]:
+        trained = ctx.extras["mod"].ratios
+        return trained if self.ratio is None else [self.ratio if r < 1 else 1.0 for r in trained]
+
+    def before_layer(self, ctx, layer, tokens):
+        ratio = self.ratios(ctx)[layer]
+        img = torch.nonzero(tokens.is_image).flatten()
+        if ratio >= 1 or img.numel() == 0:
+            return
+        routers = ctx.extras["mod"]
+        score = routers.score(layer, tokens.hidden[0, img].to(routers.linears[0].weight.dtype))
+        top = img[score.topk(int(img.numel() * ratio)).indices]
+        w = torch.ones(len(tokens), device=tokens.hidden.device)
+        w[img] = routers.weight(score).to(w.dtype)
+        tokens.route(torch.cat([torch.nonzero(~tokens.is_image).flatten(), top]), weights=w)
