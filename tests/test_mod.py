@@ -117,3 +117,28 @@ def test_arank_needs_recomputable_attention(random_bundles):
 def test_bad_schedules(params, match, tiny, test_samples):
     with pytest.raises(mmlab.MethodError, match=match):
         mmlab.run(tiny, test_samples[0], [get("mod", **params)])
+
+
+def test_trained_routing_in_the_engine_equals_the_training_forward(test_samples):
+    """The engine's routed prefill (tokens.route with STRing weights) computes what mod_forward
+    trained: same last-token logits on the shipped p-MoD and gamma-MoD checkpoints."""
+    from mmlab.tiny.mod import mod_forward
+
+    for name in ("tiny-llava-pmod", "tiny-llava-gmod"):
+        b = mmlab.load(name)
+        routers = b.extras["mod"]
+        for s in test_samples[:3]:
+            inp = b.encode(s)
+            with torch.no_grad():
+                feats = b.image_features(inp)[0]
+                emb = b.decoder.embed_tokens(inp.input_ids)
+                emb = torch.cat([emb[:, :3], feats[None], emb[:, 3 + feats.shape[0]:]], 1)
+                ref = b.lm_head(mod_forward(b.model, emb, routers, slice(3, 3 + feats.shape[0])))[0, -1]
+            tr = mmlab.run(b, s, [get("mod_trained")], max_new_tokens=1)
+            assert (tr.logits - ref).abs().max() < 1e-4
+            assert tr.image_tokens_per_layer() == [int(144 * r) for r in routers.ratios]
+
+
+def test_trained_mod_needs_routers(tiny, test_samples):
+    with pytest.raises(mmlab.MethodError, match="has none; load tiny-llava-pmod or tiny-llava-gmod"):
+        mmlab.run(tiny, test_samples[0], [get("mod_trained")])

@@ -97,7 +97,7 @@ def calibration_arank(model, tokenizer, n: int = 8, seed: int = 0) -> list[float
     return arank(bundle, [make_sample(i, seed, "val") for i in range(n)])
 
 
-def train_mod(kind: str = "pmod", steps: int = 800, batch_size: int = 32, lr: float = 2e-4, router_lr: float = 1e-2,
+def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: float = 2e-4, router_lr: float = 1e-2,
               gmod_layers: int = 2, gmod_ratio: float = 0.25, seed: int = 0, out: Path | str | None = None) -> Path:
     """Fine-tune the shipped tiny-llava with MoD routing; writes ``tiny-llava-{kind}``."""
     from mmlab.tiny.model import CHECKPOINT_DIR, build_tokenizer
