@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -125,17 +126,30 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
 KERNEL = "mmlab-venv"
 
 
+_KERNEL_LOCK = threading.Lock()
+
+
 def kernel_dir() -> Path:
     """A kernelspec bound to *this* interpreter (the project's venv), found through JUPYTER_PATH,
     so sweeps never pick up another environment's ``python3`` kernel and need no manual
-    ``jupyter kernelspec install``."""
+    ``jupyter kernelspec install``. Written atomically and only when it changes: parallel runs
+    (threads here, other processes elsewhere) never read a half-written spec."""
     d = Path(sys.prefix) / "share" / "mmlab-jupyter"
     spec = d / "kernels" / KERNEL / "kernel.json"
-    want = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+    venv_python = Path(sys.prefix) / "bin" / "python"  # one spelling whichever entry point (python, python3, mmlab) runs
+    exe = str(venv_python) if venv_python.exists() else sys.executable
+    want = {"argv": [exe, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python (mmlab venv)", "language": "python"}
-    if not spec.exists() or json.loads(spec.read_text()) != want:
-        spec.parent.mkdir(parents=True, exist_ok=True)
-        spec.write_text(json.dumps(want))
+    with _KERNEL_LOCK:
+        try:
+            current = json.loads(spec.read_text()) if spec.exists() else None
+        except ValueError:
+            current = None
+        if current != want:
+            spec.parent.mkdir(parents=True, exist_ok=True)
+            tmp = spec.with_name(f"kernel.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(want))
+            tmp.replace(spec)
     return d
 
 

@@ -30,3 +30,14 @@ def random_bundles():
     from mmlab.testing import ARCHITECTURES, random_bundle
 
     return {a: random_bundle(a) for a in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def eager_tiny():
+    """tiny-llava loaded with eager attention: the stock model's own attention weights, the
+    independent reference for every score the engine recomputes beside SDPA."""
+    from transformers import LlavaForConditionalGeneration
+
+    from mmlab.tiny.model import CHECKPOINT_DIR
+
+    return LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava", attn_implementation="eager").eval()

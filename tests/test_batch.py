@@ -124,3 +124,20 @@ def test_recorded_table_becomes_one_result_row_per_table_row(monkeypatch, tmp_pa
     assert df[["seed", "n", "method", "accuracy"]].values.tolist() == [[0, 3, "a", 0.5], [0, 3, "b", 0.75]]
     with pytest.raises(TypeError, match="must be a number"):
         mmlab.record_rows([{"x": [1]}])
+
+
+def test_kernelspec_is_rewritten_atomically_under_parallel_runs():
+    """Runs started together (threads) must never read a half-written kernel.json: a stale spec
+    written by another entry point (python3 vs python) used to be rewritten in place while a
+    parallel run was reading it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmlab.batch import KERNEL, kernel_dir
+
+    spec = kernel_dir() / "kernels" / KERNEL / "kernel.json"
+    good = spec.read_text()
+    for _ in range(5):
+        spec.write_text(good.replace('"language"', '"stale": 1, "language"'))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: kernel_dir(), range(32)))
+        assert spec.read_text() == good

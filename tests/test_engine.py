@@ -22,17 +22,12 @@ def test_trace_records_layers_modality_and_bytes(tiny, test_samples):
     assert tr.timings["prefill_ms"] > 0
 
 
-def test_attention_scores_equal_eager_attention(tiny, test_samples):
+def test_attention_scores_equal_eager_attention(tiny, eager_tiny, test_samples):
     """Scores computed on demand (model on SDPA) equal the eager implementation's weights."""
-    from transformers import LlavaForConditionalGeneration
-
-    from mmlab.tiny.model import CHECKPOINT_DIR
-
-    eager = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava", attn_implementation="eager").eval()
     s = test_samples[2]
     inp = tiny.encode(s)
     with torch.no_grad():
-        ref = eager(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True).attentions
+        ref = eager_tiny(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True).attentions
     tr = mmlab.run(tiny, s, attention_layers=[0, 3])
     for layer in (0, 3):
         assert torch.allclose(tr.attentions[layer], ref[layer][0], atol=1e-5)

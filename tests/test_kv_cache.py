@@ -194,6 +194,7 @@ def test_compression_composes_with_token_pruning(tiny, test_samples):
     ("streamingllm", {"budget": 2, "sinks": 4}, r"smaller than the 4 tokens the rule always keeps"),
     ("lookm", {"merge": "max"}, r"merge must be one of none, average, pivotal, weighted"),
     ("kvmerger", {"threshold": 2}, r"threshold is a cosine similarity"),
+    ("h2o", {"recent_ratio": 1.0}, r"h2o: recent_ratio must be in \[0, 1\)"),
 ])
 def test_bad_parameters(name, params, match, smol):
     with pytest.raises(mmlab.MethodError, match=match):

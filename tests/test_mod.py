@@ -52,16 +52,11 @@ def test_skipped_tokens_ride_the_residual_and_return_later(tiny, test_samples):
     assert p.trace.layer_tokens[2].numel() == p.trace.prompt_length  # back in at layer 2
 
 
-def test_attention_score_picks_the_most_attended(tiny, test_samples):
-    from transformers import LlavaForConditionalGeneration
-
-    from mmlab.tiny.model import CHECKPOINT_DIR
-
-    eager = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava", attn_implementation="eager").eval()
+def test_attention_score_picks_the_most_attended(tiny, eager_tiny, test_samples):
     s = test_samples[1]
     inp = tiny.encode(s)
     with torch.no_grad():
-        att = eager(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True).attentions
+        att = eager_tiny(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True).attentions
     tr = mmlab.run(tiny, s, [get("mod", layers=(2,), ratio=0.25)])
     img = torch.nonzero(tr.modality >= 0).flatten()
     top = set(img[att[1][0, :, -1].mean(0)[img].topk(36).indices].tolist())

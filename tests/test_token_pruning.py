@@ -57,17 +57,12 @@ def test_divprune_is_more_diverse_than_random(tiny, test_samples):
     assert div > rand
 
 
-def test_fastv_keeps_the_tokens_eager_attention_ranks_highest(tiny, test_samples):
+def test_fastv_keeps_the_tokens_eager_attention_ranks_highest(tiny, eager_tiny, test_samples):
     """FastV's choice equals top-k of the stock eager model's layer K-1 attention from the last token."""
-    from transformers import LlavaForConditionalGeneration
-
-    from mmlab.tiny.model import CHECKPOINT_DIR
-
-    eager = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava", attn_implementation="eager").eval()
     for s in test_samples[:3]:
         inp = tiny.encode(s)
         with torch.no_grad():
-            att = eager(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True).attentions
+            att = eager_tiny(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True).attentions
         for K, keep in [(1, 0.25), (2, 0.11), (3, 0.5)]:
             tr = mmlab.run(tiny, s, [get("fastv", layer=K, keep_ratio=keep)])
             scores = att[K - 1][0, :, -1].mean(0)

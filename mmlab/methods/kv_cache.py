@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from mmlab.methods.base import Method, MethodError, budget_tokens, check_budget, check_ratio, register
+from mmlab.methods.base import Method, MethodError, budget_tokens, check_budget, register
 
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -57,6 +57,10 @@ class KVMethod(Method):
 
     def validate(self, ctx) -> None:
         check_budget(self.name, self.budget)
+        ratio = getattr(self, "recent_ratio", 0.0)
+        if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
+            raise MethodError(f"{self.name}: recent_ratio must be in [0, 1) (share of the budget for the most "
+                              f"recent tokens), got {ratio!r}")
         super().validate(ctx)
 
     def protected(self, n_keep: int) -> int:
@@ -118,12 +122,6 @@ class H2O(KVMethod):
     name = "h2o"
     budget: float | int = 0.5
     recent_ratio: float = 0.5
-
-    def validate(self, ctx):
-        if not 0 <= self.recent_ratio < 1:
-            raise MethodError(f"h2o: recent_ratio must be in [0, 1) (share of the budget for recent tokens), "
-                              f"got {self.recent_ratio!r}")
-        super().validate(ctx)
 
     def compress(self, ctx, layer, keys, values, n_keep):
         scores = accumulated_attention(ctx, layer, keys.shape[1])
@@ -229,8 +227,6 @@ class LookM(KVMethod):
     def validate(self, ctx):
         if self.merge not in MERGES:
             raise MethodError(f"lookm: merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
-        if not 0 <= self.recent_ratio < 1:
-            raise MethodError(f"lookm: recent_ratio must be in [0, 1), got {self.recent_ratio!r}")
         super().validate(ctx)
 
     def compress(self, ctx, layer, keys, values, n_keep):
@@ -303,8 +299,6 @@ class KVMerger(KVMethod):
     def validate(self, ctx):
         if not -1 <= self.threshold <= 1:
             raise MethodError(f"kvmerger: threshold is a cosine similarity in [-1, 1], got {self.threshold!r}")
-        if not 0 <= self.recent_ratio < 1:
-            raise MethodError(f"kvmerger: recent_ratio must be in [0, 1), got {self.recent_ratio!r}")
         super().validate(ctx)
 
     def compress(self, ctx, layer, keys, values, n_keep):
