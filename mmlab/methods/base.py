@@ -14,11 +14,14 @@ Stages, in the order the engine calls them (see ``mmlab/engine.py``):
 ``before_layer(ctx, layer, tokens)``
     Called before every decoder layer of the prefill. ``tokens`` is the live sequence
     (``tokens.hidden``, ``.positions``, ``.source``, ``.is_image``); call
-    ``tokens.keep(indices)`` to physically drop the others from this layer on.
+    ``tokens.keep(indices)`` to physically drop the others from this layer on, or
+    ``tokens.route(indices, weights=None)`` (Mixture-of-Depths) to let only those through
+    this one layer while the others ride the residual stream to the next.
     ``ctx.attention(layer - 1, queries)`` gives attention probabilities of the previous
     layer (computed on demand for those queries only; the model stays on SDPA).
 ``after_prefill(ctx, cache)``
-    Evict / merge / quantize the per-layer KV cache (``cache.keys[i]``, ``cache.values[i]``,
+    Evict / merge / quantize the per-layer KV cache (a method with the class flag
+    ``prefill_attention = True`` may call ``ctx.attention(layer)`` for every layer here) (``cache.keys[i]``, ``cache.values[i]``,
     shape ``(1, kv_heads, len_i, head_dim)``; lengths may differ per layer).
 ``decode_step(ctx, step, cache)``
     Called before each generated token is processed.
