@@ -20,9 +20,10 @@ Stages, in the order the engine calls them (see ``mmlab/engine.py``):
     ``ctx.attention(layer - 1, queries)`` gives attention probabilities of the previous
     layer (computed on demand for those queries only; the model stays on SDPA).
 ``after_prefill(ctx, cache)``
-    Evict / merge / quantize the per-layer KV cache (a method with the class flag
-    ``prefill_attention = True`` may call ``ctx.attention(layer)`` for every layer here) (``cache.keys[i]``, ``cache.values[i]``,
-    shape ``(1, kv_heads, len_i, head_dim)``; lengths may differ per layer).
+    Evict / merge / quantize the per-layer KV cache (``cache.keys[i]``, ``cache.values[i]``,
+    shape ``(1, kv_heads, len_i, head_dim)``; lengths may differ per layer). A method with
+    the class flag ``prefill_attention = True`` may call ``ctx.attention(layer)`` for every
+    layer here.
 ``decode_step(ctx, step, cache)``
     Called before each generated token is processed.
 
