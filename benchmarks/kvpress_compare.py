@@ -39,9 +39,9 @@ PINS = ["torch==2.13.0", "kvpress==0.5.5"]
 
 def kvpress_python() -> Path:
     py = VENV / "bin" / "python"
-    if not (VENV / ".installed").exists():
+    if not ((VENV / ".installed").exists() and py.exists()):  # missing or half-built: (re)create
         print(f"creating {VENV} ({', '.join(PINS)}) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
         subprocess.run([str(py), "-m", "pip", "install", "-q", PINS[0]], check=True)  # CPU wheel first
         subprocess.run([str(py), "-m", "pip", "install", "-q", *PINS], check=True)
