@@ -142,13 +142,16 @@ class Context:
         q, _ = rope(q, q, cos[..., rows, :], sin[..., rows, :])
         k = keys[:, :, :n]  # this layer's own prefill keys (already rotated)
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2)).float() * attn.scaling
+        scores = ((q * attn.scaling) @ k.transpose(-1, -2)).float()  # scale q, not the (q x k) map
         causal = torch.arange(n, device=hidden.device)[None, :] > rows[:, None]
-        return scores.masked_fill(causal, float("-inf"))[0]
+        return scores.masked_fill_(causal, float("-inf"))[0]  # in place: these maps can be heads x n x n
 
     def attention(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Softmax attention probabilities ``(heads, q, k)`` of prefill layer ``layer`` (see ``attention_logits``)."""
-        return self.attention_logits(layer, queries).softmax(-1)
+        p = self.attention_logits(layer, queries)
+        p -= p.amax(-1, keepdim=True)  # softmax in place (no second heads x q x k buffer)
+        p.exp_()
+        return p.div_(p.sum(-1, keepdim=True))
 
 
 def _timed(totals: dict, key: str, fn, *args):
