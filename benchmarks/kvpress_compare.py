@@ -17,8 +17,6 @@ recent; it needs eager attention, ours recomputes scores beside SDPA).
 
 import argparse
 import json
-import math
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +27,6 @@ import torch
 
 import mmlab
 from mmlab.data.text import offline_corpus
-from mmlab.engine import extend, prefill
 from mmlab.models import Inputs, cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,17 +46,11 @@ def kvpress_python() -> Path:
     return py
 
 
-def ours(bundle, windows, context, name, budget):
+def ours(bundle, text, args, name, budget):
     methods = [] if name == "none" else [mmlab.methods.get(name, budget=budget)]
-    nll, count, times = 0.0, 0, []
-    for w in windows:
-        p = prefill(bundle, Inputs(w[None, :context]), methods)
-        times.append(p.trace.timings["prefill_ms"])
-        cont = extend(bundle, p.cache, w[None, context:], p.next_position)
-        logits = torch.cat([p.logits[-1:], cont[:-1]])
-        nll += torch.nn.functional.cross_entropy(logits, w[context:], reduction="sum").item()
-        count += w.numel() - context
-    return math.exp(nll / count), statistics.median(times)
+    r = mmlab.perplexity(bundle, text, methods, window=args.window, context=args.context, max_windows=args.windows,
+                         progress=False)  # the same windows: the text's first tokens, no special tokens
+    return r.perplexity, r.prefill_ms
 
 
 def main():
@@ -72,7 +63,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bundle = mmlab.load("smollm2-135m")  # also makes sure the converted weights exist for the worker
-    ids = bundle.tokenizer(offline_corpus(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    text = offline_corpus()
+    ids = bundle.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     windows = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
     py = kvpress_python()
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,13 +75,13 @@ def main():
         theirs = {(r["method"], r["budget"]): r for r in json.loads(Path(f"{tmp}/out.json").read_text())}
         print(f"kvpress side: {time.time() - t:.0f} s")
     for _ in range(2):  # warm-up on our side too
-        prefill(bundle, Inputs(windows[0][None, :args.context]))
+        mmlab.prefill(bundle, Inputs(windows[0][None, :args.context]))
     print(f"\nsmollm2-135m, {args.windows} windows x {args.window} tokens, first {args.context} compressed, "
           f"{args.threads} threads; time = median prefill + compression per window")
     print(f"{'method':<13} {'budget':>6} {'ppl mmlab':>10} {'ppl kvpress':>11} {'rel diff':>9} "
           f"{'ms mmlab':>9} {'ms kvpress':>10} {'time ratio':>10}")
     for (name, budget), r in theirs.items():
-        ppl, ms = ours(bundle, windows, args.context, name, budget)
+        ppl, ms = ours(bundle, text, args, name, budget)
         print(f"{name:<13} {budget:>6.2f} {ppl:>10.3f} {r['perplexity']:>11.3f} {ppl / r['perplexity'] - 1:>+9.2%} "
               f"{ms:>9.1f} {r['prefill_ms']:>10.1f} {ms / r['prefill_ms']:>10.2f}")
 

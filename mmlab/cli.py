@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")
     p.add_argument("--model", default="tiny-llava")
-    p.add_argument("--method", help=f"a registered method name")
+    p.add_argument("--method", help="a registered method name")
     p.add_argument("--param", action="append", default=[], help="method parameter name=value (repeatable)")
     p.add_argument("--n-samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -73,16 +73,17 @@ class Tokens:
         only they write its KV); the others pass it unchanged on the residual stream and stay
         for the layers after. With ``weights`` (n,), the layer computes x + attn + w * mlp for
         routed tokens and w * x for skipped ones (p-MoD's STRing reweighting)."""
+        self.routed, self.weights = self._subset(indices, "route"), weights
+
+    def _subset(self, indices, what: str) -> torch.Tensor:
         idx = torch.as_tensor(indices, device=self.hidden.device).long().sort().values
         if idx.numel() == 0 or idx[-1] >= len(self) or idx[0] < 0:
-            raise MethodError(f"route(): indices must be a non-empty subset of 0..{len(self) - 1}")
-        self.routed, self.weights = idx, weights
+            raise MethodError(f"{what}(): indices must be a non-empty subset of 0..{len(self) - 1}")
+        return idx
 
     def keep(self, indices: torch.Tensor) -> None:
         """Keep only ``indices`` (into the current sequence) from now on; order is preserved."""
-        idx = torch.as_tensor(indices, device=self.hidden.device).long().sort().values
-        if idx.numel() == 0 or idx[-1] >= len(self) or idx[0] < 0:
-            raise MethodError(f"keep(): indices must be a non-empty subset of 0..{len(self) - 1}")
+        idx = self._subset(indices, "keep")
         if self.routed is not None:
             raise MethodError("keep() after route() in the same layer: prune first, then route")
         self.hidden = self.hidden.index_select(1, idx)

@@ -188,6 +188,7 @@ class PerplexityResult:
     n_tokens: int  # tokens scored
     windows: int
     kv_bytes: float  # mean KV bytes held when the scored tokens were read
+    prefill_ms: float = float("nan")  # median prefill (+ the methods' compression) per window
 
 
 def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int | None = None,
@@ -211,7 +212,7 @@ def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int
         n_win = min(n_win, max_windows)
     from mmlab.models import Inputs
 
-    nll_sum, count, kv = 0.0, 0, []
+    nll_sum, count, kv, ms = 0.0, 0, [], []
     for w in tqdm(range(n_win), desc=f"ppl {bundle.name}", disable=not progress, mininterval=2):
         chunk = ids[w * window:(w + 1) * window][None]
         if context is None:
@@ -223,7 +224,8 @@ def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int
             logits = torch.cat([p.logits[-1:], cont[:-1]])
             targets = chunk[0, context:]
         kv.append(p.trace.kv_bytes)
+        ms.append(p.trace.timings["prefill_ms"])
         nll_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
         count += targets.numel()
     nll = nll_sum / count
-    return PerplexityResult(math.exp(nll), nll, count, n_win, statistics.fmean(kv))
+    return PerplexityResult(math.exp(nll), nll, count, n_win, statistics.fmean(kv), statistics.median(ms))

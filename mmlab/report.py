@@ -30,14 +30,27 @@ def baseline_random_accuracy(df: pd.DataFrame):
     return fig
 
 
-def _pruning_rows(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series | None]:
-    """Method rows (mean over repeated runs) and the unpruned reference row, from a keep-ratio grid table."""
+_METRICS = ("accuracy", "tflops", "flops_ratio", "perplexity", "kv_bytes", "decode_ms", "prefill_ms", "method_ms")
+
+
+def _method_rows(df: pd.DataFrame, setting: str, task: str | None = None) -> tuple[pd.DataFrame, pd.Series | None]:
+    """Rows of a method x ``setting`` grid table (mean over repeated runs) and the unmodified
+    model's row (method ``none``), from ``mmlab.method_grid`` / ``perplexity_grid`` tables."""
     if "status" in df:
         df = df[df.status == "ok"]
-    metrics = [c for c in df.columns if c == "accuracy" or c.startswith("acc_") or c in ("tflops", "flops_ratio")]
-    g = df.groupby(["method", "keep_ratio"], as_index=False)[metrics].mean()
-    dense = g[g.method == "none"]
-    return g[g.method != "none"], (dense.iloc[0] if len(dense) else None)
+    if task is not None:
+        df = df[df.task == task]
+    metrics = [c for c in df.columns if c in _METRICS or c.startswith("acc_")]
+    g = df.groupby(["method", setting], as_index=False)[metrics].mean()
+    ref = g[g.method == "none"]
+    return g[g.method != "none"], (ref.iloc[0] if len(ref) else None)
+
+
+def _lines(ax, rows: pd.DataFrame, x: str, y: str, x_scale: float = 100, y_scale: float = 100, marker: str = "o"):
+    """One line per method: ``y`` against ``x`` (scaled, e.g. fractions to %)."""
+    for name, g in rows.groupby("method"):
+        g = g.sort_values(x)
+        ax.plot(g[x] * x_scale, g[y] * y_scale, marker=marker, label=name)
 
 
 def _percent_ticks(ax, ratios) -> None:
@@ -53,10 +66,9 @@ def pruning_accuracy(df: pd.DataFrame):
     """Accuracy vs % of visual tokens kept, one line per method; the unpruned model dashed."""
     import matplotlib.pyplot as plt
 
-    rows, dense = _pruning_rows(df)
+    rows, dense = _method_rows(df, "keep_ratio")
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for name, g in rows.groupby("method"):
-        ax.plot(g.keep_ratio * 100, g.accuracy * 100, marker="o", label=name)
+    _lines(ax, rows, "keep_ratio", "accuracy")
     if dense is not None:
         ax.axhline(dense.accuracy * 100, color="k", ls="--", lw=1, label="no pruning")
     _percent_ticks(ax, rows.keep_ratio)
@@ -73,11 +85,9 @@ def pruning_accuracy_vs_tflops(df: pd.DataFrame):
     """Accuracy vs analytic prefill TFLOPs of the language model (from the Traces' token counts)."""
     import matplotlib.pyplot as plt
 
-    rows, dense = _pruning_rows(df)
+    rows, dense = _method_rows(df, "keep_ratio")
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for name, g in rows.groupby("method"):
-        g = g.sort_values("tflops")
-        ax.plot(g.tflops * 1e6, g.accuracy * 100, marker="o", label=name)
+    _lines(ax, rows, "tflops", "accuracy", x_scale=1e6)
     if dense is not None:
         ax.plot([dense.tflops * 1e6], [dense.accuracy * 100], marker="*", ms=12, color="k", ls="", label="no pruning")
     ax.set_xlabel("LLM prefill MFLOPs per sample")
@@ -91,12 +101,11 @@ def pruning_per_type(df: pd.DataFrame):
     """One panel per question type: accuracy vs keep ratio for every method."""
     import matplotlib.pyplot as plt
 
-    rows, dense = _pruning_rows(df)
+    rows, dense = _method_rows(df, "keep_ratio")
     types = sorted(c for c in rows.columns if c.startswith("acc_"))
     fig, axes = plt.subplots(1, len(types), figsize=(3 * len(types), 2.8), sharey=True, squeeze=False)
     for ax, col in zip(axes[0], types):
-        for name, g in rows.groupby("method"):
-            ax.plot(g.keep_ratio * 100, g[col] * 100, marker=".", label=name)
+        _lines(ax, rows, "keep_ratio", col, marker=".")
         if dense is not None:
             ax.axhline(dense[col] * 100, color="k", ls="--", lw=1)
         _percent_ticks(ax, rows.keep_ratio)
@@ -110,7 +119,7 @@ def pruning_per_type(df: pd.DataFrame):
 
 def pruning_table(df: pd.DataFrame) -> pd.DataFrame:
     """Accuracy (%) per method (rows) and keep ratio (columns), the unpruned model first."""
-    rows, dense = _pruning_rows(df)
+    rows, dense = _method_rows(df, "keep_ratio")
     t = rows.pivot(index="method", columns="keep_ratio", values="accuracy") * 100
     t.columns = [f"{c:.0%}" for c in t.columns]
     if dense is not None:
@@ -118,25 +127,12 @@ def pruning_table(df: pd.DataFrame) -> pd.DataFrame:
     return t.round(1)
 
 
-def _kv_rows(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.Series | None]:
-    if "status" in df:
-        df = df[df.status == "ok"]
-    df = df[df.task == task]
-    metrics = [c for c in ("perplexity", "accuracy", "kv_bytes", "decode_ms", "prefill_ms", "method_ms")
-               if c in df.columns]
-    g = df.groupby(["method", "budget"], as_index=False)[metrics].mean()
-    none = g[g.method == "none"]
-    return g[g.method != "none"], (none.iloc[0] if len(none) else None)
-
-
 def _kv_plot(df: pd.DataFrame, task: str, metric: str, ylabel: str, title: str, log: bool = False):
     import matplotlib.pyplot as plt
 
-    rows, none = _kv_rows(df, task)
+    rows, none = _method_rows(df, "budget", task)
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for name, g in rows.groupby("method"):
-        g = g.sort_values("budget")
-        ax.plot(g.budget * 100, g[metric] * (100 if metric == "accuracy" else 1), marker="o", label=name)
+    _lines(ax, rows, "budget", metric, y_scale=100 if metric == "accuracy" else 1)
     if none is not None:
         ax.axhline(none[metric] * (100 if metric == "accuracy" else 1), color="k", ls="--", lw=1, label="full cache")
     if log:
@@ -168,12 +164,10 @@ def kv_cost(df: pd.DataFrame):
     """Measured cache bytes and decode ms / token vs budget (needle prompts, smollm2-135m)."""
     import matplotlib.pyplot as plt
 
-    rows, none = _kv_rows(df, "needle")
+    rows, none = _method_rows(df, "budget", "needle")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for name, g in rows.groupby("method"):
-        g = g.sort_values("budget")
-        axes[0].plot(g.budget * 100, g.kv_bytes / 2**20, marker="o", label=name)
-        axes[1].plot(g.budget * 100, g.decode_ms, marker="o", label=name)
+    _lines(axes[0], rows, "budget", "kv_bytes", y_scale=1 / 2**20)
+    _lines(axes[1], rows, "budget", "decode_ms", y_scale=1)
     if none is not None:
         axes[0].axhline(none.kv_bytes / 2**20, color="k", ls="--", lw=1, label="full cache")
         axes[1].axhline(none.decode_ms, color="k", ls="--", lw=1, label="full cache")

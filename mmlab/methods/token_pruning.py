@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,21 @@ import torch.nn.functional as F
 from mmlab.methods.base import Method, MethodError, check_ratio, keep_count, register
 
 
+class VisualTokenMethod(Method):
+    """Shared by the family: it needs image tokens, and a ``keep_ratio`` must be in (0, 1]."""
+
+    family: ClassVar[str] = "token_pruning"
+    needs_image: ClassVar[bool] = True
+
+    def validate(self, ctx) -> None:
+        if hasattr(self, "keep_ratio"):
+            check_ratio(self.name, self.keep_ratio)
+        super().validate(ctx)
+
+
 @register
 @dataclass
-class RandomPrune(Method):
+class RandomPrune(VisualTokenMethod):
     """Random visual-token pruning: the baseline every pruning paper reports.
 
     Rule: keep a uniformly random ``keep_ratio`` subset of each image's projected tokens
@@ -34,14 +47,8 @@ class RandomPrune(Method):
     """
 
     name = "random"
-    family = "token_pruning"
-    needs_image = True
     keep_ratio: float = 0.25
     seed: int = 0
-
-    def validate(self, ctx) -> None:
-        check_ratio(self.name, self.keep_ratio)
-        super().validate(ctx)
 
     def image_features(self, ctx, feats):
         gen = torch.Generator().manual_seed(self.seed + ctx.sample_index)
@@ -75,7 +82,7 @@ def pool_shape(rows: int, cols: int, k: int) -> tuple[int, int]:
 
 @register
 @dataclass
-class Pool(Method):
+class Pool(VisualTokenMethod):
     """Spatial average pooling of the visual-token grid (the resolution-reduction baseline).
 
     Rule: partition each image's rows x cols token grid into h x w contiguous windows
@@ -84,12 +91,9 @@ class Pool(Method):
     """
 
     name = "pool"
-    family = "token_pruning"
-    needs_image = True
     keep_ratio: float = 0.25
 
     def validate(self, ctx) -> None:
-        check_ratio(self.name, self.keep_ratio)
         super().validate(ctx)
         if ctx.image_grid is None:
             raise MethodError(f"pool needs a 2-D visual-token grid, and {ctx.model_name!r} has none "
@@ -143,7 +147,7 @@ def divprune_select(feats: torch.Tensor, k: int) -> torch.Tensor:
 
 @register
 @dataclass
-class DivPrune(Method):
+class DivPrune(VisualTokenMethod):
     """DivPrune (Alvar et al., CVPR 2025): diversity-based visual-token pruning.
 
     Rule: before the LLM, keep the subset of each image's projected tokens that solves the
@@ -152,13 +156,7 @@ class DivPrune(Method):
     """
 
     name = "divprune"
-    family = "token_pruning"
-    needs_image = True
     keep_ratio: float = 0.098
-
-    def validate(self, ctx) -> None:
-        check_ratio(self.name, self.keep_ratio)
-        super().validate(ctx)
 
     def image_features(self, ctx, feats):
         out = []
@@ -191,7 +189,7 @@ def prune_by_last_token_attention(ctx, layer: int, tokens, n_keep: int) -> None:
 
 @register
 @dataclass
-class FastV(Method):
+class FastV(VisualTokenMethod):
     """FastV (Chen et al., ECCV 2024): an image is worth 1/2 tokens after layer 2.
 
     Rule: at layer K, rank the visual tokens by the attention the last prompt token gives
@@ -201,15 +199,12 @@ class FastV(Method):
     """
 
     name = "fastv"
-    family = "token_pruning"
-    needs_image = True
     layer: int = 2
     keep_ratio: float = 0.5
 
     def validate(self, ctx) -> None:
-        check_ratio(self.name, self.keep_ratio)
-        _check_layer(self.name, self.layer, ctx.n_layers)
         super().validate(ctx)
+        _check_layer(self.name, self.layer, ctx.n_layers)
 
     def before_layer(self, ctx, layer, tokens):
         if layer == self.layer:
@@ -219,7 +214,7 @@ class FastV(Method):
 
 @register
 @dataclass
-class PyramidDrop(Method):
+class PyramidDrop(VisualTokenMethod):
     """PyramidDrop (Xing et al., CVPR 2025): stage-wise visual-token dropping.
 
     Rule: the LLM is split into stages at ``layers``; at the start of each stage keep the
@@ -229,8 +224,6 @@ class PyramidDrop(Method):
     """
 
     name = "pdrop"
-    family = "token_pruning"
-    needs_image = True
     layers: tuple = (0.25, 0.5, 0.75)  # stage boundaries as fractions of the depth
     ratio: float = 0.5
 
@@ -302,7 +295,7 @@ def pagerank_importance(logits: torch.Tensor, tau: float, iters: int) -> torch.T
 
 @register
 @dataclass
-class AIM(Method):
+class AIM(VisualTokenMethod):
     """AIM (Zhong et al., ICCV 2025): adaptive inference by token merging and pruning.
 
     Rule: (a) before the LLM, iterative bipartite merging of each image's tokens by embedding
@@ -315,8 +308,6 @@ class AIM(Method):
     """
 
     name = "aim"
-    family = "token_pruning"
-    needs_image = True
     keep_ratio: float = 0.4375
     prune_from: float = 13 / 32
     prune_to: float = 21 / 32
@@ -328,13 +319,12 @@ class AIM(Method):
         return min(1.0, max(0.0, (self.prune_to - depth) / (self.prune_to - self.prune_from)))
 
     def validate(self, ctx) -> None:
-        check_ratio(self.name, self.keep_ratio)
+        super().validate(ctx)
         if not (0 <= self.prune_from <= 1 and self.prune_to > self.prune_from):
             raise MethodError(f"aim: need 0 <= prune_from <= 1 and prune_to > prune_from (relative depths), "
                               f"got prune_from={self.prune_from!r}, prune_to={self.prune_to!r}")
         if not self.tau > 0 or not (isinstance(self.iters, int) and self.iters >= 1):
             raise MethodError(f"aim: tau must be > 0 and iters an integer >= 1, got tau={self.tau!r}, iters={self.iters!r}")
-        super().validate(ctx)
 
     def image_features(self, ctx, feats):
         out = []
