@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmlab.methods.base import Method, MethodError
+from mmlab.quantize import applied
 from mmlab.trace import Trace
 
 
@@ -37,6 +38,8 @@ class KVCache:
     def __init__(self, n_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
+        # a quantized prefix per layer (KV quantization): it precedes keys[i] / values[i]
+        self.quantized: list = [None] * n_layers
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.keys[layer_idx] is None:
@@ -44,14 +47,19 @@ class KVCache:
         else:
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=-2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
+        if self.quantized[layer_idx] is not None:  # de-quantized on the fly; only the codes stay held
+            qk, qv = self.quantized[layer_idx].dequantize()
+            return torch.cat([qk, self.keys[layer_idx]], -2), torch.cat([qv, self.values[layer_idx]], -2)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def lengths(self) -> list[int]:
-        return [0 if k is None else int(k.shape[-2]) for k in self.keys]
+        return [(0 if k is None else int(k.shape[-2])) + (0 if q is None else q.length)
+                for k, q in zip(self.keys, self.quantized)]
 
     def nbytes(self) -> int:
         """Bytes of the tensors actually held (a method may store compressed tensors)."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        return (sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+                + sum(q.nbytes() for q in self.quantized if q is not None))
 
 
 @dataclass
@@ -191,8 +199,27 @@ class Prefill:
 
 def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_layers=(), all_logits: bool = False,
             sample_index: int = 0) -> Prefill:
-    """Vision tower, image-feature methods, the layer loop with ``before_layer``, then ``after_prefill``."""
+    """Vision tower, image-feature methods, the layer loop with ``before_layer``, then ``after_prefill``.
+
+    A weight-quantization method's weights are swapped in for the call (computed once per model)."""
     methods = list(methods)
+    _check_order(methods)
+    with applied(bundle, methods) as quantized:
+        p = _prefill(bundle, sample, methods, attention_layers, all_logits, sample_index)
+    if quantized is not None:
+        p.trace.extra.update(quantized.summary())
+    return p
+
+
+def _check_order(methods: list[Method]) -> None:
+    for i, m in enumerate(methods):
+        later = [o.name for o in methods[i + 1:] if type(o).after_prefill is not Method.after_prefill]
+        if getattr(m, "quantizes_cache", False) and later:
+            raise MethodError(f"{m.name} quantizes the KV cache, so it must come after the KV methods it composes "
+                              f"with ({', '.join(later)}): list it last")
+
+
+def _prefill(bundle, sample, methods, attention_layers, all_logits, sample_index) -> Prefill:
     lm = bundle.decoder
     layers = lm.layers
     n_layers = len(layers)
@@ -270,6 +297,12 @@ def run(bundle, sample, methods: list[Method] | tuple = (), *, max_new_tokens: i
     methods compress that context, then the question's tokens are fed over the compressed
     cache (counted like decode tokens in the Trace) before generation starts.
     """
+    methods = list(methods)
+    with applied(bundle, methods):  # weights stay quantized through decoding
+        return _run(bundle, sample, methods, max_new_tokens, attention_layers, all_logits, sample_index)
+
+
+def _run(bundle, sample, methods, max_new_tokens, attention_layers, all_logits, sample_index) -> Trace:
     inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
     query = None
     if inputs.context_len is not None:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mmlab.engine import extend, prefill, run
 from mmlab.methods.base import MethodError
+from mmlab.quantize import applied
 
 
 def normalise(text: str) -> str:
@@ -43,6 +44,7 @@ class EvalResult:
     decode_ms: float  # median of the per-sample median ms per generated token (NaN: one-token answers)
     n: int
     rows: list[dict] = field(default_factory=list, repr=False)  # one per sample
+    weight_bits: float = float("nan")  # effective bits per quantized weight (weight quantization methods)
 
     @property
     def tflops(self) -> float:
@@ -58,6 +60,8 @@ class EvalResult:
         out = {"accuracy": self.accuracy, "tflops": self.tflops, "kv_bytes": self.kv_bytes,
                "vision_retention": self.vision_retention,
                "prefill_ms": self.prefill_ms, "method_ms": self.method_ms, "decode_ms": self.decode_ms, "n": self.n}
+        if not math.isnan(self.weight_bits):
+            out["weight_bits"] = self.weight_bits
         out.update({f"acc_{k}": v for k, v in self.by_type.items()})
         return out
 
@@ -66,18 +70,19 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
     """Greedy-answer accuracy (first word, case-insensitive) per question type."""
     if not samples:
         raise MethodError("evaluate() needs at least one sample")
-    rows = []
-    for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress, mininterval=2)):
-        tr = run(bundle, s, methods, max_new_tokens=max_new_tokens, sample_index=i)
-        rows.append({"uid": getattr(s, "uid", i), "qtype": getattr(s, "qtype", "all"), "answer": s.answer,
-                     "pred": tr.answer, "correct": is_correct(tr.answer, s),
-                     "prefill_flops": tr.flops["prefill"], "kv_bytes": tr.kv_bytes,
-                     "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
-                     "decode_ms": tr.timings.get("decode_ms_per_token", float("nan")),
-                     "image_tokens": tr.image_tokens_per_layer()[0],
-                     "vision_retention": (sum(tr.image_tokens_per_layer()) / len(tr.layer_tokens)
-                                          / max(1, tr.n_image_tokens_in)),
-                     "mean_tokens_per_layer": sum(tr.tokens_per_layer) / len(tr.tokens_per_layer)})
+    rows, methods = [], list(methods)
+    with applied(bundle, methods) as quantized:  # quantize the weights once, not per sample
+        for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress, mininterval=2)):
+            tr = run(bundle, s, methods, max_new_tokens=max_new_tokens, sample_index=i)
+            rows.append({"uid": getattr(s, "uid", i), "qtype": getattr(s, "qtype", "all"), "answer": s.answer,
+                         "pred": tr.answer, "correct": is_correct(tr.answer, s),
+                         "prefill_flops": tr.flops["prefill"], "kv_bytes": tr.kv_bytes,
+                         "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
+                         "decode_ms": tr.timings.get("decode_ms_per_token", float("nan")),
+                         "image_tokens": tr.image_tokens_per_layer()[0],
+                         "vision_retention": (sum(tr.image_tokens_per_layer()) / len(tr.layer_tokens)
+                                              / max(1, tr.n_image_tokens_in)),
+                         "mean_tokens_per_layer": sum(tr.tokens_per_layer) / len(tr.tokens_per_layer)})
     by_type: dict[str, list[bool]] = {}
     for r in rows:
         by_type.setdefault(r["qtype"], []).append(r["correct"])
@@ -90,7 +95,7 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
         prefill_ms=statistics.median(r["prefill_ms"] for r in rows),
         method_ms=statistics.median(r["method_ms"] for r in rows),
         decode_ms=_median_finite(r["decode_ms"] for r in rows),
-        n=len(rows), rows=rows)
+        n=len(rows), rows=rows, weight_bits=quantized.weight_bits if quantized else float("nan"))
 
 
 def _median_finite(values) -> float:
@@ -189,6 +194,7 @@ class PerplexityResult:
     windows: int
     kv_bytes: float  # mean KV bytes held when the scored tokens were read
     prefill_ms: float = float("nan")  # median prefill (+ the methods' compression) per window
+    weight_bits: float = float("nan")  # effective bits per quantized weight (weight quantization methods)
 
 
 def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int | None = None,
@@ -212,20 +218,59 @@ def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int
         n_win = min(n_win, max_windows)
     from mmlab.models import Inputs
 
-    nll_sum, count, kv, ms = 0.0, 0, [], []
-    for w in tqdm(range(n_win), desc=f"ppl {bundle.name}", disable=not progress, mininterval=2):
-        chunk = ids[w * window:(w + 1) * window][None]
-        if context is None:
-            p = prefill(bundle, Inputs(chunk), methods, all_logits=True, sample_index=w)
-            logits, targets = p.logits[:-1], chunk[0, 1:]
-        else:
-            p = prefill(bundle, Inputs(chunk[:, :context]), methods, sample_index=w)
-            cont = extend(bundle, p.cache, chunk[:, context:], p.next_position)
-            logits = torch.cat([p.logits[-1:], cont[:-1]])
-            targets = chunk[0, context:]
-        kv.append(p.trace.kv_bytes)
-        ms.append(p.trace.timings["prefill_ms"])
-        nll_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        count += targets.numel()
+    nll_sum, count, kv, ms, methods = 0.0, 0, [], [], list(methods)
+    with applied(bundle, methods) as quantized:
+        for w in tqdm(range(n_win), desc=f"ppl {bundle.name}", disable=not progress, mininterval=2):
+            chunk = ids[w * window:(w + 1) * window][None]
+            if context is None:
+                p = prefill(bundle, Inputs(chunk), methods, all_logits=True, sample_index=w)
+                logits, targets = p.logits[:-1], chunk[0, 1:]
+            else:
+                p = prefill(bundle, Inputs(chunk[:, :context]), methods, sample_index=w)
+                cont = extend(bundle, p.cache, chunk[:, context:], p.next_position)
+                logits = torch.cat([p.logits[-1:], cont[:-1]])
+                targets = chunk[0, context:]
+            kv.append(p.trace.kv_bytes)
+            ms.append(p.trace.timings["prefill_ms"])
+            nll_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+            count += targets.numel()
     nll = nll_sum / count
-    return PerplexityResult(math.exp(nll), nll, count, n_win, statistics.fmean(kv), statistics.median(ms))
+    return PerplexityResult(math.exp(nll), nll, count, n_win, statistics.fmean(kv), statistics.median(ms),
+                            quantized.weight_bits if quantized else float("nan"))
+
+
+def quant_grid(bundle, configs: list[dict], *, text: str | None = None, samples=None, window: int = 512,
+               context: int | None = None, max_windows: int = 8, progress: bool = True):
+    """One row per quantization config (``{"method": name, **params}``, or ``{"method": "none"}``):
+    perplexity of ``text`` (a text LM) or accuracy on ``samples``, effective bits per weight,
+    packed model bytes, KV bytes and the one-time quantization seconds. Invalid configs become
+    rows with an ``error`` (the sweep goes on)."""
+    import pandas as pd
+
+    from mmlab.methods.base import get
+    from mmlab.quantize import quantized_weights
+
+    if (text is None) == (samples is None):
+        raise MethodError("quant_grid needs exactly one of text= (perplexity) or samples= (accuracy)")
+    rows = []
+    for cfg in tqdm(configs, desc="quantization configs", disable=not progress):
+        params = {k: v for k, v in cfg.items() if k != "method"}
+        row = {"method": cfg["method"], **{k: ("ch" if k == "group_size" and v is None else v)
+                                          for k, v in params.items()}}
+        try:
+            ms = [] if cfg["method"] == "none" else [get(cfg["method"], **params)]
+            t = time.perf_counter()
+            qw = quantized_weights(bundle, ms[0]) if ms and getattr(ms[0], "quantizes_weights", False) else None
+            row["quantize_s"] = time.perf_counter() - t
+            if qw is not None:
+                row.update(weight_bits=qw.weight_bits, packed_bytes=qw.packed_bytes, outliers=qw.outliers)
+            if text is not None:
+                r = perplexity(bundle, text, ms, window=window, context=context, max_windows=max_windows, progress=False)
+                row.update(perplexity=r.perplexity, kv_bytes=r.kv_bytes)
+            else:
+                r = evaluate(bundle, samples, ms, progress=False)
+                row.update(accuracy=r.accuracy, kv_bytes=r.kv_bytes)
+        except MethodError as e:
+            row["error"] = str(e)
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -180,6 +180,55 @@ def kv_cost(df: pd.DataFrame):
     return fig
 
 
+def _quant_rows(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.Series | None]:
+    if "status" in df:
+        df = df[df.status == "ok"]
+    df = df[df.task == task]
+    if "error" in df:
+        df = df[df.error.isna()]
+    ref = df[df.method == "none"]
+    return df[df.method != "none"], (ref.iloc[0] if len(ref) else None)
+
+
+def quant_perplexity(df: pd.DataFrame):
+    """smollm2-135m: perplexity vs effective bits per weight (scales, zeros, outliers included)."""
+    import matplotlib.pyplot as plt
+
+    rows, fp = _quant_rows(df, "weights")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for (name, group), g in rows.groupby(["method", rows.group_size.astype(str)]):
+        g = g.sort_values("weight_bits")
+        ax.plot(g.weight_bits, g.perplexity, marker="o", ms=4, label=f"{name} g{group}")
+    if fp is not None:
+        ax.axhline(fp.perplexity, color="k", ls="--", lw=1, label="fp32")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("smollm2-135m: weight quantization")
+    ax.legend(fontsize=6, ncol=2)
+    return fig
+
+
+def quant_kv(df: pd.DataFrame):
+    """KV-cache quantization (KIVI): continuation perplexity and cache bytes vs bits."""
+    import matplotlib.pyplot as plt
+
+    rows, fp = _quant_rows(df, "kv_cache")
+    rows = rows.sort_values("bits")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    axes[0].plot(rows.bits, rows.perplexity, marker="o")
+    axes[1].plot(rows.bits, rows.kv_bytes / 2**20, marker="o")
+    if fp is not None:
+        axes[0].axhline(fp.perplexity, color="k", ls="--", lw=1, label="fp32 cache")
+        axes[1].axhline(fp.kv_bytes / 2**20, color="k", ls="--", lw=1, label="fp32 cache")
+    for ax, label in zip(axes, ("perplexity", "KV cache (MiB)")):
+        ax.set_xlabel("KV bits")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("smollm2-135m: KIVI KV-cache quantization", fontsize=9)
+    return fig
+
+
 FIGURES = {
     "baseline_random_accuracy": ("baseline_random", baseline_random_accuracy),
     "token_pruning_accuracy": ("token_pruning", pruning_accuracy),
@@ -189,6 +238,8 @@ FIGURES = {
     "kv_needle": ("kv_cache", kv_needle),
     "kv_multi_image": ("kv_cache", kv_multi_image),
     "kv_cost": ("kv_cache", kv_cost),
+    "quant_perplexity": ("quantization", quant_perplexity),
+    "quant_kv": ("quantization", quant_kv),
 }
 
 

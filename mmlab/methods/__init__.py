@@ -1,6 +1,6 @@
 """Registered methods. ``available()`` lists names; ``get(name, **params)`` builds one."""
 
-from mmlab.methods import kv_cache, mod, token_pruning  # noqa: F401  (register their methods)
+from mmlab.methods import kv_cache, mod, quant, token_pruning  # noqa: F401  (register their methods)
 from mmlab.methods.base import Method, MethodError, available, get, register
 
 __all__ = ["Method", "MethodError", "available", "get", "register"]

@@ -27,6 +27,10 @@ Stages, in the order the engine calls them (see ``mmlab/engine.py``):
 ``decode_step(ctx, step, cache)``
     Called before each generated token is processed.
 
+Weight quantization (``mmlab.methods.quant``) has one more stage, ``quantize_weights(wctx)``,
+run once per (model, method) before any prefill: the engine caches its de-quantized
+weights and swaps them in for every run that lists the method (``mmlab/quantize.py``).
+
 ``ctx`` offers: ``n_layers``, ``config`` (the text config), ``n_image_tokens`` (after
 image-feature methods), ``image_grid`` ((rows, cols) of one image's tokens, or None),
 ``extras`` (what the checkpoint carries besides weights, e.g. trained MoD routers),

@@ -1,0 +1,591 @@
+"""Quantization as methods: weights (RTN, GPTQ, AWQ, MixLLM, SliM-LLM, SpQR), activations
+(W8A8 / W4A4) and the KV cache (KIVI).
+
+Weight methods act at the stage ``quantize_weights(wctx)``, once per (model, method): the
+engine caches the result and swaps the de-quantized weights in for every run that names
+the method ("fake quantization": the numbers a packed kernel would compute, in float).
+``wctx`` (see ``mmlab/quantize.py``) offers the target linears in execution order grouped
+by block, the calibration set, per-block Hessians / inputs / loss gradients, and
+``wctx.set(name, weight, bits)`` which writes the quantized weight (later blocks calibrate
+on quantized predecessors, as GPTQ's sequential pass does) and books its storage:
+codes, scales, zeros and outliers, from which the effective bits per weight follow.
+
+Conventions shared by every quantizer (GPTQ's ``Quantizer`` and torchao's affine mapping):
+asymmetric: range [min(w, 0), max(w, 0)] over the group, ``scale = range / (2^b - 1)``,
+integer zero point; symmetric: ``scale = 2 max|w| / (2^b - 1)``, codes ``-2^(b-1) .. 2^(b-1) - 1``.
+A group is ``group_size`` consecutive input columns of one output row; ``None`` is one
+group per output channel (per-channel). Scales are stored as fp16 and zeros at ``b`` bits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mmlab.methods.base import Method, MethodError, register
+
+TARGETS = ("llm", "vision", "all")
+SCALE_BITS = 16  # one fp16 scale per group (and an fp16 value + 16-bit index per outlier)
+
+
+# --- the quantizer ----------------------------------------------------------------------
+def check_bits(name: str, bits, what: str = "bits") -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise MethodError(f"{name}: {what} must be an integer in 1..8, got {bits!r}")
+
+
+def check_group(name: str, group_size) -> None:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
+        raise MethodError(f"{name}: group_size must be a positive integer (e.g. 128) or None (per-channel), "
+                          f"got {group_size!r}")
+
+
+def qparams(w: torch.Tensor, bits, sym: bool):
+    """Scale and zero point per row of ``w`` (rows, g) for ``bits`` (scalar or one per row)."""
+    maxq = (2 ** torch.as_tensor(bits, device=w.device).float() - 1).reshape(-1, 1).expand(w.shape[0], 1)
+    if sym:
+        amax = w.abs().amax(1, keepdim=True)
+        amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+        scale = 2 * amax / maxq
+        zero = torch.floor((maxq + 1) / 2)
+    else:
+        lo, hi = w.amin(1, keepdim=True).clamp(max=0), w.amax(1, keepdim=True).clamp(min=0)
+        same = hi == lo  # an all-zero group: any scale works
+        lo, hi = torch.where(same, -torch.ones_like(lo), lo), torch.where(same, torch.ones_like(hi), hi)
+        scale = (hi - lo) / maxq
+        zero = torch.round(-lo / scale)
+    return scale, zero, maxq
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """Round to the grid and back (the value a kernel de-quantizes to)."""
+    # times the reciprocal, as torchao rounds (so our RTN and its kernels pick the same codes)
+    return scale * (torch.minimum(torch.clamp(torch.round(w * (1.0 / scale)) + zero, min=0), maxq) - zero)
+
+
+def _groups(cols: int, group_size: int | None) -> int:
+    return 1 if group_size is None else cols // group_size
+
+
+def per_group_bits(bits, rows: int, n_groups: int) -> torch.Tensor:
+    """``bits`` (scalar, one per row, or (rows, groups)) as a (rows, groups) float tensor."""
+    b = torch.as_tensor(bits, dtype=torch.float32)
+    return b.reshape(-1, 1).expand(rows, n_groups) if b.dim() < 2 else b.float()
+
+
+def rtn(w: torch.Tensor, bits, group_size: int | None, sym: bool) -> torch.Tensor:
+    """Round-to-nearest of ``w`` (rows, cols); ``bits`` scalar, (rows,) or (rows, groups)."""
+    rows, cols = w.shape
+    n_groups = _groups(cols, group_size)
+    b = per_group_bits(bits, rows, n_groups).reshape(-1)
+    scale, zero, maxq = qparams(w.reshape(rows * n_groups, cols // n_groups), b, sym)
+    return quantize(w.reshape(rows * n_groups, -1), scale, zero, maxq).reshape(rows, cols)
+
+
+def stat_bits_per_group(bits: torch.Tensor, sym: bool) -> torch.Tensor:
+    """Bits one group's statistics take: an fp16 scale, plus a ``bits``-wide zero if asymmetric."""
+    return SCALE_BITS + (torch.zeros_like(bits) if sym else bits)
+
+
+def storage_bits(bits, group_size: int | None, shape, sym: bool) -> float:
+    """Bits held by a (rows, cols) weight: codes + per-group scales (and zeros)."""
+    rows, cols = shape
+    n_groups = _groups(cols, group_size)
+    b = per_group_bits(bits, rows, n_groups)
+    return float((b * (cols // n_groups) + stat_bits_per_group(b, sym)).sum())
+
+
+# --- GPTQ ---------------------------------------------------------------------------------
+def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group_size: int | None, sym: bool, *, damp: float = 0.01,
+         block_size: int = 128, outlier_threshold: float | None = None, stat_bits: int | None = None):
+    """GPTQ (Frantar et al., 2023): quantize columns left to right; push each column's
+    error onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
+
+    ``bits``: scalar, (rows,) or (rows, groups). With ``outlier_threshold`` (SpQR), a weight
+    whose scaled error ((w - q(w)) / [H^-1]_jj)^2 exceeds the threshold times its column's
+    mean is kept exactly and excluded from its group's statistics; with ``stat_bits`` the
+    group scales and zeros are themselves quantized (asymmetric, per 16 rows). Returns the
+    de-quantized weight, the number of outliers and the group statistics' bits.
+    """
+    w = w.clone().float()
+    rows, cols = w.shape
+    g = cols if group_size is None else group_size
+    bits_t = per_group_bits(bits, rows, cols // g)
+    h = hessian.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=w.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    outliers = torch.zeros_like(w, dtype=torch.bool)
+    stat_total = 0.0
+    scale = zero = maxq = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % g == 0:  # a new group: statistics from the current (error-updated) weights
+                grp = w[:, col:col + g]  # as GPTQ's code: W as updated by the previous blocks
+                b = bits_t[:, col // g]
+                if outlier_threshold is not None:  # outliers leave the group's statistics
+                    keep = _spqr_outliers(grp, hinv.diagonal()[col:col + g], b, sym, outlier_threshold)
+                    outliers[:, col:col + g] = ~keep
+                    grp = grp.masked_fill(~keep, 0.0)
+                scale, zero, maxq = qparams(grp, b, sym)
+                if stat_bits is not None:
+                    scale, zero = _quantize_stats(scale, stat_bits), _quantize_stats(zero, stat_bits).round()
+                stat_total += float(stat_bits_per_group(b, sym).sum()) if stat_bits is None else 0.0
+            x, d = w1[:, i], hinv1[i, i]
+            qx = quantize(x[:, None], scale, zero, maxq)[:, 0]
+            if outlier_threshold is not None:
+                qx = torch.where(outliers[:, col], x, qx)
+            q[:, col] = qx
+            e = (x - qx) / d
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if stat_bits is not None:  # SpQR: 2 stats x stat_bits per group + fp16 second-level stats per 16 groups
+        n_groups = rows * (cols // g)
+        stat_total = n_groups * 2 * stat_bits + math.ceil(n_groups / 16) * 2 * 2 * SCALE_BITS
+    return q, int(outliers.sum()), stat_total
+
+
+def _spqr_outliers(grp, hinv_diag, bits, sym, threshold):
+    """SpQR's outlier test on one group: True = keep in the quantized group."""
+    scale, zero, maxq = qparams(grp, bits, sym)
+    err = ((grp - quantize(grp, scale, zero, maxq)) / hinv_diag[None, :]) ** 2
+    return err <= threshold * err.mean()
+
+
+def _quantize_stats(stat: torch.Tensor, stat_bits: int) -> torch.Tensor:
+    """SpQR's second level: a (rows, 1) column of group statistics, quantized per 16 rows."""
+    rows = stat.shape[0]
+    pad = (-rows) % 16
+    x = torch.cat([stat[:, 0], stat[-1:, 0].expand(pad)]).reshape(-1, 16)
+    s, z, m = qparams(x, stat_bits, sym=False)
+    return quantize(x, s, z, m).reshape(-1)[:rows, None]
+
+
+# --- the method classes -------------------------------------------------------------------
+class WeightQuant(Method):
+    """Shared parts of the weight quantizers: target choice, bit and group checks."""
+
+    family: ClassVar[str] = "quantization"
+    quantizes_weights: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = False
+
+    def validate(self, ctx) -> None:
+        if self.targets not in TARGETS and self.targets != ():
+            raise MethodError(f"{self.name}: targets must be one of {', '.join(TARGETS)} (or () for none), "
+                              f"got {self.targets!r}")
+        check_bits(self.name, self.bits)
+        check_group(self.name, self.group_size)
+        if self.needs_calibration and self.calib_samples < 1:
+            raise MethodError(f"{self.name} needs calibration data: calib_samples must be >= 1 "
+                              f"(e.g. 16 windows of the offline corpus), got {self.calib_samples!r}")
+
+    def check_shapes(self, wctx) -> None:
+        for name, mod in wctx.linears.items():
+            cols = mod.weight.shape[1]
+            if self.group_size is not None and cols % self.group_size:
+                ok = [g for g in (32, 64, 128, 192, 256) if all(m.weight.shape[1] % g == 0 for m in wctx.linears.values())]
+                raise MethodError(f"{self.name}: group_size {self.group_size} does not divide in_features {cols} of "
+                                  f"{name}; valid here: {', '.join(map(str, ok)) or 'none of 32..256'} or None "
+                                  f"(per-channel)")
+
+    def quantize_weights(self, wctx) -> None:
+        raise NotImplementedError
+
+
+@register
+@dataclass
+class RTN(WeightQuant):
+    """Round-to-nearest weight quantization, the baseline of the low-bit LLaMA3 study
+    (Huang et al., 2024): every group of ``group_size`` input weights of a row is mapped
+    independently to ``bits``-bit integers with its own scale (and zero if asymmetric)."""
+
+    name: ClassVar[str] = "rtn"
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+    targets: str = "llm"
+
+    def quantize_weights(self, wctx) -> None:
+        self.check_shapes(wctx)
+        for name, mod in wctx.linears.items():
+            w = mod.weight.float()
+            wctx.set(name, rtn(w, self.bits, self.group_size, self.sym),
+                     storage_bits(self.bits, self.group_size, w.shape, self.sym))
+
+
+@register
+@dataclass
+class GPTQ(WeightQuant):
+    """GPTQ (Frantar et al., ICLR 2023): per layer, minimise ||WX - Q(W)X||^2 column by
+    column, compensating each column's rounding error on the remaining columns through the
+    inverse Hessian H = 2XX^T of the layer's calibration inputs (blocks quantized in order,
+    each calibrated on its quantized predecessors). Defaults: damp 0.01, 128-column blocks;
+    the paper calibrates on 128 x 2048 tokens of C4, we on ``calib_samples`` x ``calib_len``
+    tokens of the offline corpus (the text LM) or of training-split shapes prompts."""
+
+    name: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+    damp: float = 0.01
+    calib_samples: int = 16
+    calib_len: int = 512
+    targets: str = "llm"
+
+    def quantize_weights(self, wctx) -> None:
+        self.check_shapes(wctx)
+        self.run_gptq(wctx, lambda name, hessian: self.bits)
+
+    def run_gptq(self, wctx, bits_of) -> None:
+        """Block by block: Hessians from the calibration set on the (partly quantized) model,
+        then GPTQ on each linear with ``bits_of(name, hessian)`` bits (scalar, per row or per group)."""
+        calib = wctx.calibration(self.calib_samples, self.calib_len)
+        for block in wctx.blocks:
+            hessians = wctx.hessians(block, calib)
+            for name in block:
+                w = wctx.linears[name].weight.float()
+                n_groups = _groups(w.shape[1], self.group_size)
+                bits = per_group_bits(bits_of(name, hessians[name]), w.shape[0], n_groups)
+                q, n_out, stat = gptq(w, hessians[name], bits, self.group_size, self.sym, damp=self.damp,
+                                      **self.extra_gptq())
+                codes = float(bits.sum()) * (w.shape[1] // n_groups)
+                wctx.set(name, q, codes + stat + n_out * 2 * SCALE_BITS, outliers=n_out)
+
+    def extra_gptq(self) -> dict:
+        return {}
+
+
+@register
+@dataclass
+class AWQ(WeightQuant):
+    """AWQ (Lin et al., MLSys 2024): protect salient input channels by scaling them up
+    before quantization, s = mean|x|^alpha (normalised), with alpha grid-searched per group of
+    linears sharing an input to minimise the output error; the scale is folded back
+    (Q(W diag s) diag s^-1). Then (``clip``) the per-group clipping range is searched too."""
+
+    name: ClassVar[str] = "awq"
+    needs_calibration: ClassVar[bool] = True
+    bits: int = 4
+    group_size: int | None = 128
+    sym: bool = False
+    grid: int = 20
+    clip: bool = True
+    calib_samples: int = 16
+    calib_len: int = 512
+    targets: str = "llm"
+
+    def quantize_weights(self, wctx) -> None:
+        self.check_shapes(wctx)
+        calib = wctx.calibration(self.calib_samples, self.calib_len)
+        for block in wctx.blocks:
+            inputs = wctx.inputs(block, calib, max_tokens=2048)
+            for names in _shared_input_groups(block, inputs):
+                x = inputs[names[0]]
+                ws = [wctx.linears[n].weight.float() for n in names]
+                s = self.search_scale(x, ws)
+                for n, w in zip(names, ws):
+                    clip = self.clip and not any(k in n for k in ("q_proj", "k_proj"))  # AWQ skips q/k
+                    wq = self.quantize_scaled(w * s, x / s, clip) / s
+                    wctx.set(n, wq, storage_bits(self.bits, self.group_size, w.shape, self.sym))
+
+    def search_scale(self, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+        x_mean = x.abs().mean(0)
+        ref = [x @ w.T for w in ws]
+        best, best_s = float("inf"), torch.ones_like(x_mean)
+        for k in range(self.grid):
+            alpha = k / self.grid
+            s = x_mean.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            err = sum(float(((x @ (rtn(w * s, self.bits, self.group_size, self.sym) / s).T - r) ** 2).mean())
+                      for w, r in zip(ws, ref))
+            if err < best:
+                best, best_s = err, s
+        return best_s
+
+    def quantize_scaled(self, w: torch.Tensor, x: torch.Tensor, clip: bool) -> torch.Tensor:
+        """RTN of the scaled weight, with AWQ's clipping search (shrink each group's range)."""
+        if not clip:
+            return rtn(w, self.bits, self.group_size, self.sym)
+        rows, cols = w.shape
+        g = cols if self.group_size is None else self.group_size
+        wg = w.reshape(rows, cols // g, g)
+        xg = x[:: max(1, x.shape[0] // 512)].reshape(-1, cols // g, g)  # a token subsample, as AWQ does
+        ref = torch.einsum("rgk,tgk->rgt", wg, xg)
+        best_err = torch.full((rows, cols // g), float("inf"))
+        best = wg
+        for k in range(self.grid // 2):  # shrink the max by up to 50%, AWQ's auto_clip range
+            ratio = 1 - k / self.grid
+            m = wg.abs().amax(-1, keepdim=True) * ratio  # AWQ clamps to +-max|w| * ratio
+            wc = torch.maximum(torch.minimum(wg, m), -m)
+            wq = rtn(wc.reshape(rows, cols), self.bits, self.group_size, self.sym).reshape(rows, cols // g, g)
+            err = (torch.einsum("rgk,tgk->rgt", wq, xg) - ref).pow(2).mean(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better[..., None], wq, best)
+        return best.reshape(rows, cols)
+
+
+def _shared_input_groups(block: list[str], inputs: dict) -> list[list[str]]:
+    """Linears of a block that read the same input tensor (q/k/v, gate/up) form one AWQ group."""
+    groups: list[list[str]] = []
+    for n in block:
+        for grp in groups:
+            if inputs[grp[0]] is inputs[n]:
+                grp.append(n)
+                break
+        else:
+            groups.append([n])
+    return groups
+
+
+@register
+@dataclass
+class SliM(GPTQ):
+    """SliM-LLM (Huang et al., ICML 2025): salience-driven group bit allocation on top of
+    GPTQ. A column group's salience is sum w^2 / [H^-1]_jj^2; the k most salient groups get
+    ``bits + 1``, the k least salient ``bits - 1`` (average stays ``bits``), with k searched
+    per layer to minimise the Hessian-weighted quantization error."""
+
+    name: ClassVar[str] = "slim"
+    bits: int = 2
+
+    def quantize_weights(self, wctx) -> None:
+        self.check_shapes(wctx)
+        self.run_gptq(wctx, lambda name, hessian: self.allocate(wctx, name, hessian))
+
+    def allocate(self, wctx, name, hessian):
+        w = wctx.linears[name].weight.float()
+        rows, cols = w.shape
+        g = cols if self.group_size is None else self.group_size
+        n_groups = cols // g
+        h = hessian + self.damp * hessian.diagonal().mean() * torch.eye(cols)
+        hinv_diag = torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
+        salience = (w.pow(2) / hinv_diag.pow(2)[None, :]).sum(0).reshape(n_groups, g).sum(1)
+        order = salience.argsort(descending=True)
+        best, best_bits = float("inf"), None
+        for k in range(0, n_groups // 2 + 1):
+            b = torch.full((n_groups,), self.bits)
+            b[order[:k]] = min(8, self.bits + 1)
+            b[order[n_groups - k:] if k else order[:0]] = max(1, self.bits - 1)
+            d = w - rtn(w, b.expand(rows, -1), self.group_size, self.sym)
+            err = float(((d @ h) * d).sum())  # the layer's output error tr(dW H dW^T)
+            if err < best:
+                best, best_bits = err, b
+        wctx.note(name, group_bits=best_bits.tolist())
+        return best_bits.expand(rows, -1)
+
+
+@register
+@dataclass
+class SpQR(GPTQ):
+    """SpQR (Dettmers et al., ICLR 2024): GPTQ with small groups (16) whose scales and zeros
+    are themselves quantized (3 bits, per 16 groups), plus unstructured outliers - weights
+    whose scaled quantization error exceeds ``outlier_threshold`` times their group column's
+    mean - kept in fp16 (value + 16-bit index)."""
+
+    name: ClassVar[str] = "spqr"
+    bits: int = 3
+    group_size: int | None = 16
+    stat_bits: int = 3
+    outlier_threshold: float = 10.0
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        check_bits(self.name, self.stat_bits, "stat_bits")
+        if not self.outlier_threshold > 0:
+            raise MethodError(f"{self.name}: outlier_threshold must be > 0 (inf keeps no outliers), "
+                              f"got {self.outlier_threshold!r}")
+
+    def extra_gptq(self) -> dict:
+        return {"outlier_threshold": None if math.isinf(self.outlier_threshold) else self.outlier_threshold,
+                "stat_bits": self.stat_bits}
+
+
+@register
+@dataclass
+class MixLLM(GPTQ):
+    """MixLLM (Zheng et al., 2024): mixed precision between output channels, chosen
+    globally. An output channel's salience is |sum_j g*dw + (g*dw)^2 / 2| (g: gradient of the
+    calibration loss, dw: its low-bit quantization error); the top ``high_fraction`` of all
+    channels of all target layers get ``high_bits``, the rest ``bits`` (W4.4 at 10%)."""
+
+    name: ClassVar[str] = "mixllm"
+    high_bits: int = 8
+    high_fraction: float = 0.1
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        check_bits(self.name, self.high_bits, "high_bits")
+        if not 0 <= self.high_fraction <= 1:
+            raise MethodError(f"{self.name}: high_fraction must be in [0, 1], got {self.high_fraction!r}")
+
+    def quantize_weights(self, wctx) -> None:
+        self.check_shapes(wctx)
+        grads = wctx.gradients(wctx.calibration(self.calib_samples, self.calib_len))
+        salience = {}
+        for name, mod in wctx.linears.items():
+            w = mod.weight.float()
+            gdw = grads[name] * (rtn(w, self.bits, self.group_size, self.sym) - w)
+            salience[name] = (gdw + 0.5 * gdw ** 2).sum(1).abs()
+        allsal = torch.cat(list(salience.values()))
+        n_high = int(round(self.high_fraction * allsal.numel()))
+        cut = allsal.topk(n_high).values[-1] if n_high else float("inf")
+        high = {n: s >= cut for n, s in salience.items()}
+        for n, h in high.items():
+            wctx.note(n, high_channels=int(h.sum()))
+        self.run_gptq(wctx, lambda name, hessian: torch.where(high[name], self.high_bits, self.bits))
+
+
+@register
+@dataclass
+class ActQuant(WeightQuant):
+    """Weight-activation integer quantization (W8A8 / W4A4, "Give me BF16 or give me
+    death", Kurtic et al., 2024): weights per output channel (symmetric, RTN), activations
+    fake-quantized per token, dynamically (symmetric), at the input of every target linear."""
+
+    name: ClassVar[str] = "act_quant"
+    bits: int = 8  # weight bits
+    act_bits: int = 8
+    group_size: int | None = None
+    sym: bool = True
+    targets: str = "llm"
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        check_bits(self.name, self.act_bits, "act_bits")
+
+    def quantize_weights(self, wctx) -> None:
+        self.check_shapes(wctx)
+        for name, mod in wctx.linears.items():
+            w = mod.weight.float()
+            wctx.set(name, rtn(w, self.bits, self.group_size, self.sym),
+                     storage_bits(self.bits, self.group_size, w.shape, self.sym))
+
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token symmetric fake quantization, on the same grid as the weights (and torchao):
+        scale = 2 max|x| / (2^b - 1), codes -2^(b-1) .. 2^(b-1) - 1."""
+        scale, zero, maxq = qparams(x.reshape(-1, x.shape[-1]).float(), self.act_bits, sym=True)
+        return quantize(x.reshape(-1, x.shape[-1]).float(), scale, zero, maxq).reshape(x.shape).to(x.dtype)
+
+
+# --- KV cache -----------------------------------------------------------------------------
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in 0..2^bits-1 packed 8 / bits to a byte (uint8): what is really held."""
+    per = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).reshape(-1, per)
+    shifts = torch.arange(per, dtype=torch.uint8, device=codes.device) * bits
+    return (flat << shifts).sum(1, dtype=torch.uint8) if per > 1 else flat[:, 0]
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+    return ((packed[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:n]
+
+
+class _Packed:
+    """Asymmetric codes of ``x`` grouped along its last dim: packed codes + fp16 scale and minimum."""
+
+    def __init__(self, x: torch.Tensor, bits: int, group: int):
+        self.shape, self.bits, self.dtype = x.shape, bits, x.dtype
+        g = min(group, x.shape[-1])
+        pad = (-x.shape[-1]) % g
+        xg = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], -1) if pad else x
+        xg = xg.reshape(*x.shape[:-1], -1, g)
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / (2 ** bits - 1)).clamp(min=1e-8)
+        codes = torch.clamp(torch.round((xg - lo) / scale), 0, 2 ** bits - 1)
+        self.n_codes = codes.numel()
+        self.codes, self.scale, self.lo = _pack(codes, bits), scale.half(), lo.half()
+        self.grouped_shape = xg.shape
+
+    def dequantize(self) -> torch.Tensor:
+        codes = _unpack(self.codes, self.bits, self.n_codes).reshape(self.grouped_shape)
+        x = codes.to(self.dtype) * self.scale.to(self.dtype) + self.lo.to(self.dtype)
+        return x.reshape(*self.grouped_shape[:-2], -1)[..., : self.shape[-1]]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.lo))
+
+
+class QuantizedKV:
+    """One layer's quantized KV prefix, KIVI's layout: keys per channel (groups of tokens),
+    values per token (groups of channels), appended chunk by chunk."""
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits, self.group_size, self.chunks, self.length = bits, group_size, [], 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        # keys (1, h, n, d): quantize along tokens for each channel -> group the transposed tensor
+        self.chunks.append((_Packed(k.transpose(-1, -2), self.bits, self.group_size),
+                            _Packed(v, self.bits, self.group_size)))
+        self.length += k.shape[-2]
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ks = [kc.dequantize().transpose(-1, -2) for kc, _ in self.chunks]
+        vs = [vc.dequantize() for _, vc in self.chunks]
+        return torch.cat(ks, -2), torch.cat(vs, -2)
+
+    def nbytes(self) -> int:
+        return sum(kc.nbytes() + vc.nbytes() for kc, vc in self.chunks)
+
+
+@register
+@dataclass
+class KIVI(Method):
+    """KIVI (Liu et al., ICML 2024): asymmetric KV-cache quantization, keys per channel
+    (groups of ``group_size`` tokens), values per token (groups of ``group_size`` channels);
+    the most recent ``residual`` .. ``residual + group_size`` tokens stay in full precision
+    and move into the quantized part one group at a time while decoding. Codes are packed
+    into bytes with fp16 scales and minima, so the cache bytes really shrink."""
+
+    name: ClassVar[str] = "kivi"
+    family: ClassVar[str] = "quantization"
+    quantizes_cache: ClassVar[bool] = True
+    bits: int = 2
+    group_size: int = 32
+    residual: int = 128
+
+    def validate(self, ctx) -> None:
+        if self.bits not in (1, 2, 4, 8):
+            raise MethodError(f"{self.name}: bits must be one of 1, 2, 4, 8 (codes are packed into bytes), got {self.bits!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise MethodError(f"{self.name}: group_size must be a positive integer (e.g. 32), got {self.group_size!r}")
+        if not isinstance(self.residual, int) or self.residual < 0:
+            raise MethodError(f"{self.name}: residual (full-precision recent tokens) must be an integer >= 0, "
+                              f"got {self.residual!r}")
+
+    def _flush(self, cache, layer: int, keep: int) -> None:
+        """Move whole groups of the oldest full-precision tokens into the quantized part, leaving >= ``keep``."""
+        k, v = cache.keys[layer], cache.values[layer]
+        n_q = (k.shape[-2] - keep) // self.group_size * self.group_size
+        if n_q <= 0:
+            return
+        if cache.quantized[layer] is None:
+            cache.quantized[layer] = QuantizedKV(self.bits, self.group_size)
+        for s in range(0, n_q, self.group_size):
+            cache.quantized[layer].append(k[:, :, s:s + self.group_size], v[:, :, s:s + self.group_size])
+        cache.keys[layer], cache.values[layer] = k[:, :, n_q:].contiguous(), v[:, :, n_q:].contiguous()
+
+    def after_prefill(self, ctx, cache) -> None:
+        for layer in range(len(cache.keys)):
+            if cache.keys[layer] is not None:
+                self._flush(cache, layer, self.residual)
+
+    def decode_step(self, ctx, step: int, cache) -> None:
+        for layer in range(len(cache.keys)):
+            if cache.keys[layer] is not None and cache.keys[layer].shape[-2] >= self.residual + self.group_size:
+                self._flush(cache, layer, self.residual)
