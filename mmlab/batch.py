@@ -264,5 +264,7 @@ def collect(run_dir: str | Path):
         raise SweepError(f"no run results (*.json) in {run_dir}")
     df = pd.DataFrame(rows)
     df.to_csv(run_dir / "results.csv", index=False)
-    df.to_parquet(run_dir / "results.parquet", index=False)
+    # a recorded column may mix types across rows (e.g. group_size 64 and "ch"): parquet needs one
+    mixed = [c for c in df.columns if df[c].dtype == object and df[c].dropna().map(type).nunique() > 1]
+    df.astype({c: str for c in mixed}).to_parquet(run_dir / "results.parquet", index=False)
     return df

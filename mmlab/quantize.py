@@ -138,6 +138,7 @@ class WeightContext:
             raise MethodError(f"calibration needs at least one sample, got {n}")
         return calibration_set(self.bundle, n, length)
 
+    @torch.no_grad()
     def _layer_inputs(self, layer: str, calib) -> list:
         """(args, kwargs) of decoder / encoder layer ``layer`` per calibration sample: the previous
         layer's outputs on the current (already quantized) weights, or captured by a forward that
@@ -174,6 +175,7 @@ class WeightContext:
         self._carry = {layer: inputs}
         return inputs
 
+    @torch.no_grad()  # the captured layer inputs are inference tensors
     def _forward_with_hooks(self, names: list[str], calib, on_input) -> None:
         """Run each calibration sample until every linear in ``names`` has seen its input: the block's
         layer alone where the block is a layer of a stack, otherwise the model up to the block."""

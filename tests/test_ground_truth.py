@@ -23,6 +23,15 @@ NOOP = {
     "kvmerger": {"budget": 1.0},
     "mod": {"schedule": "constant", "ratio": 1.0},
     "mod_trained": {"ratio": 1.0},  # on the trained checkpoint (it needs the routers it carries)
+    # quantization: no target linears / every token in the full-precision window
+    "rtn": {"targets": ()},
+    "gptq": {"targets": ()},
+    "awq": {"targets": ()},
+    "slim": {"targets": ()},
+    "spqr": {"targets": ()},
+    "mixllm": {"targets": ()},
+    "act_quant": {"targets": ()},
+    "kivi": {"residual": 10**9},
 }
 
 

@@ -1,0 +1,226 @@
+"""Quantization methods: the quantizer against a transcription and against torchao, GPTQ's
+and AWQ's guarantees, SpQR / SliM-LLM / MixLLM bookkeeping, KIVI's packed cache, errors."""
+
+import math
+
+import pytest
+import torch
+
+import mmlab
+from mmlab.methods import get
+from mmlab.methods.base import MethodError
+from mmlab.methods.quant import _pack, _unpack, gptq, rtn
+from mmlab.quantize import WeightContext, quantized_weights, torchao_config, torchao_quantize
+
+
+def _rtn_loop(w, bits, group, sym):
+    """A plain transcription: one group at a time, GPTQ's Quantizer formulas."""
+    out = torch.empty_like(w)
+    g = group or w.shape[1]
+    for r in range(w.shape[0]):
+        for c in range(0, w.shape[1], g):
+            x = w[r, c:c + g]
+            if sym:
+                scale = 2 * x.abs().max() / (2 ** bits - 1)
+                zero = math.floor(2 ** bits / 2)
+            else:
+                lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+                scale = torch.tensor((hi - lo) / (2 ** bits - 1))
+                zero = round(-lo / scale.item())
+            q = torch.clamp(torch.round(x * (1.0 / scale)) + zero, 0, 2 ** bits - 1)
+            out[r, c:c + g] = scale * (q - zero)
+    return out
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, False), (3, None, False), (2, 16, True), (8, 64, True)])
+def test_rtn_matches_a_loop_transcription(bits, group, sym):
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(bits))
+    assert torch.allclose(rtn(w, bits, group, sym), _rtn_loop(w, bits, group, sym), atol=1e-6)
+    assert all(len(v.unique()) <= 2 ** bits for v in rtn(w, bits, group, sym).reshape(-1, group or 64))
+
+
+@pytest.mark.parametrize("scheme,kw,ours", [
+    ("int8_weight", {}, (8, None, True)),
+    ("intx_weight", {"bits": 4, "group_size": 32, "sym": True}, (4, 32, True)),
+    ("intx_weight", {"bits": 3, "group_size": 32, "sym": False}, (3, 32, False)),
+])
+def test_rtn_codes_equal_torchao(scheme, kw, ours):
+    from torchao.quantization import quantize_
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    lin = torch.nn.Sequential(torch.nn.Linear(128, 64, bias=False))
+    lin[0].weight.data = w.clone()
+    quantize_(lin, torchao_config(scheme, **kw))
+    assert torch.equal(lin[0].weight.dequantize(), rtn(w, *ours))
+
+
+def test_our_rtn_perplexity_matches_torchao_kernels(smol):
+    text = mmlab.data.offline_corpus()
+    ours = mmlab.perplexity(smol, text, [get("rtn", bits=4, group_size=32, sym=False)], window=128, max_windows=1,
+                            progress=False).perplexity
+    real = torchao_quantize(smol, "intx_weight", bits=4, group_size=32, sym=False)
+    theirs = mmlab.perplexity(real, text, window=128, max_windows=1, progress=False).perplexity
+    fp = mmlab.perplexity(smol, text, window=128, max_windows=1, progress=False).perplexity
+    assert abs(theirs / ours - 1) < 0.005
+    assert ours != fp  # the weights really changed
+
+
+def test_gptq_with_identity_hessian_is_rtn_and_beats_it_otherwise():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 64, generator=g)
+    q, n_out, _ = gptq(w, torch.eye(64), 3, 16, False, damp=0.0)
+    assert torch.allclose(q, rtn(w, 3, 16, False), atol=1e-6) and n_out == 0
+    x = torch.randn(512, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    q, _, _ = gptq(w, 2 * x.T @ x / len(x), 3, 16, False)
+    err = lambda wq: ((x @ (w - wq).T) ** 2).mean()  # noqa: E731
+    assert err(q) < 0.7 * err(rtn(w, 3, 16, False))
+
+
+def test_spqr_keeps_planted_outliers_exactly():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 64, generator=g)
+    w[3, 5], w[9, 40] = 25.0, -30.0
+    x = torch.randn(256, 64, generator=g)
+    q, n_out, _ = gptq(w, 2 * x.T @ x / len(x), 3, 16, False, outlier_threshold=10.0, stat_bits=3)
+    # kept at full precision (their value after GPTQ's updates from earlier columns), not on the 3-bit grid
+    assert abs(q[3, 5] - 25.0) < 0.5 and abs(q[9, 40] + 30.0) < 0.5 and 2 <= n_out <= 0.05 * w.numel()
+    _, none, _ = gptq(w, 2 * x.T @ x / len(x), 3, 16, False, stat_bits=3)
+    assert none == 0
+
+
+def test_effective_bits_count_scales_and_zeros(tiny):
+    qw = quantized_weights(tiny, get("rtn", bits=4, group_size=128, sym=False))
+    assert qw.weight_bits == pytest.approx(4 + (16 + 4) / 128)
+    qw = quantized_weights(tiny, get("rtn", bits=3, group_size=None, sym=True))
+    widths = {n: w.shape[1] for n, w in qw.weights.items()}
+    expect = sum(qw.numel[n] * 3 + qw.numel[n] / widths[n] * 16 for n in widths) / sum(qw.numel.values())
+    assert qw.weight_bits == pytest.approx(expect)
+    assert qw.packed_bytes < sum(p.numel() * 4 for p in tiny.model.parameters())
+
+
+def test_weights_swap_in_for_a_run_and_back(tiny, test_samples):
+    before = {n: p.data_ptr() for n, p in tiny.model.named_parameters()}
+    m = get("rtn", bits=2, group_size=32)
+    tr = mmlab.run(tiny, test_samples[0], [m])
+    assert {n: p.data_ptr() for n, p in tiny.model.named_parameters()} == before
+    assert tr.extra["weight_bits"] == pytest.approx(2 + 18 / 32)
+    ref = mmlab.run(tiny, test_samples[0])
+    assert (tr.logits - ref.logits).abs().max() > 1e-3  # 2-bit weights change the logits
+    assert quantized_weights(tiny, m) is quantized_weights(tiny, get("rtn", bits=2, group_size=32))  # computed once
+
+
+def test_calibrated_methods_on_tiny_llava(tiny, test_samples):
+    """GPTQ / AWQ / SliM-LLM / SpQR / MixLLM run end to end and keep their bookkeeping promises."""
+    # GPTQ's promise is layer-wise: less output error than RTN on its calibration inputs (first block:
+    # the same inputs for both, since nothing before it is quantized)
+    gq = quantized_weights(tiny, get("gptq", bits=2, group_size=32, calib_samples=8))
+    rq = quantized_weights(tiny, get("rtn", bits=2, group_size=32))
+    wctx = WeightContext(tiny, "llm")
+    block = wctx.blocks[0]
+    xs = wctx.inputs(block, wctx.calibration(8, 512), max_tokens=10**6)
+    for n in block:
+        w, x = wctx.linears[n].weight, xs[n]
+        assert ((x @ (gq.weights[n] - w).T) ** 2).mean() < ((x @ (rq.weights[n] - w).T) ** 2).mean()
+    slim = get("slim", bits=2, group_size=32, calib_samples=8)
+    qw = quantized_weights(tiny, slim)
+    for name, note in qw.notes.items():
+        assert sum(note["group_bits"]) == 2 * len(note["group_bits"])  # the average stays at 2 bits
+    mix = get("mixllm", bits=3, group_size=32, high_fraction=0.2, calib_samples=4)
+    qw = quantized_weights(tiny, mix)
+    rows = sum(w.shape[0] for w in qw.weights.values())
+    assert sum(n["high_channels"] for n in qw.notes.values()) == pytest.approx(0.2 * rows, abs=2)
+    expect = sum(n["high_channels"] * c * (8 + 24 / 32) + (w.shape[0] - n["high_channels"]) * c * (3 + 19 / 32)
+                 for (name, w), n, c in ((i, qw.notes[i[0]], i[1].shape[1]) for i in qw.weights.items()))
+    assert qw.weight_bits == pytest.approx(expect / sum(qw.numel.values()))
+    spqr = quantized_weights(tiny, get("spqr", calib_samples=4))
+    assert spqr.outliers > 0 and 3.3 < spqr.weight_bits < 4.5
+    assert mmlab.run(tiny, test_samples[0], [get("awq", bits=3, calib_samples=4)]).answer
+
+
+def test_vision_tower_is_quantized_separately(tiny):
+    llm = quantized_weights(tiny, get("rtn", bits=4, group_size=None, targets="llm")).weights
+    vis = quantized_weights(tiny, get("rtn", bits=4, group_size=None, targets="vision")).weights
+    assert llm and vis and not set(llm) & set(vis)
+    assert all("language_model" in n for n in llm) and not any("language_model" in n for n in vis)
+
+
+def test_activation_quantization(smol):
+    text = mmlab.data.offline_corpus()
+    kw = dict(window=256, max_windows=1, progress=False)
+    fp = mmlab.perplexity(smol, text, **kw).perplexity
+    w8a8 = mmlab.perplexity(smol, text, [get("act_quant", bits=8, act_bits=8)], **kw).perplexity
+    w4a4 = mmlab.perplexity(smol, text, [get("act_quant", bits=4, act_bits=4)], **kw).perplexity
+    assert fp < w8a8 < 1.1 * fp < w4a4
+    mod = smol.decoder.layers[0].self_attn.q_proj
+    assert not mod._forward_pre_hooks  # the activation hooks are gone after the run
+
+
+def test_kivi_packs_the_cache_and_keeps_the_recent_window(smol):
+    assert torch.equal(_unpack(_pack(torch.tensor([0, 3, 1, 2, 3]), 2), 2, 5), torch.tensor([0, 3, 1, 2, 3]))
+    ids = smol.tokenizer(mmlab.data.offline_corpus()[:4000], return_tensors="pt").input_ids[:, :300]
+    from mmlab.models import Inputs
+
+    full = mmlab.prefill(smol, Inputs(ids))
+    sizes = [full.trace.kv_bytes]
+    for bits in (8, 4, 2):
+        p = mmlab.prefill(smol, Inputs(ids), [get("kivi", bits=bits, group_size=32, residual=64)])
+        c = p.cache
+        assert c.lengths() == full.cache.lengths()
+        assert 64 <= c.keys[0].shape[-2] < 64 + 32  # the full-precision window
+        assert torch.equal(c.keys[0], full.cache.keys[0][:, :, -c.keys[0].shape[-2]:])
+        sizes.append(p.trace.kv_bytes)
+        q = c.quantized[0]
+        fp_bytes = 2 * full.cache.keys[0][:, :, :q.length].numel() * 4
+        assert q.nbytes() < (bits / 32 + 0.15) * fp_bytes  # packed codes + fp16 scales and minima
+        k, _ = q.dequantize()
+        err = (k - full.cache.keys[0][:, :, :k.shape[-2]]).abs().max() / full.cache.keys[0].abs().max()
+        assert err < {8: 0.01, 4: 0.1, 2: 0.4}[bits]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_kivi_moves_tokens_while_decoding(smol):
+    tr = mmlab.run(smol, "Write two sentences about rivers.", [get("kivi", bits=4, group_size=8, residual=8)],
+                   max_new_tokens=24)
+    assert len(tr.answer_ids) > 16 and tr.kv_bytes_final < 0.5 * 4 * sum(tr.decode_kv_lengths[-1]) * 2 * 3 * 64
+
+
+def test_methods_compose(tiny, test_samples):
+    ms = [get("divprune", keep_ratio=0.25), get("rtn", bits=4, group_size=32), get("h2o", budget=0.5),
+          get("kivi", bits=4, residual=8)]
+    tr = mmlab.run(tiny, test_samples[0], ms)
+    assert tr.answer and tr.extra["weight_bits"] < 5 and tr.n_image_tokens_in > tr.image_tokens_per_layer()[0]
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("rtn", {"bits": 0}, "bits must be an integer in 1..8"),
+    ("rtn", {"bits": 9}, "bits must be an integer in 1..8"),
+    ("gptq", {"bits": 3.5}, "bits must be an integer in 1..8"),
+    ("rtn", {"group_size": 0}, "group_size must be a positive integer"),
+    ("rtn", {"group_size": 128}, "group_size 128 does not divide in_features 576"),
+    ("gptq", {"calib_samples": 0}, "needs calibration data"),
+    ("awq", {"calib_samples": 0}, "needs calibration data"),
+    ("rtn", {"targets": "vision"}, "no 'vision' linears"),
+    ("rtn", {"targets": "lm"}, "targets must be one of llm, vision, all"),
+    ("act_quant", {"act_bits": 16}, "act_bits must be an integer in 1..8"),
+    ("kivi", {"bits": 3}, "bits must be one of 1, 2, 4, 8"),
+])
+def test_invalid_configs_get_clear_errors(smol, name, params, match):
+    with pytest.raises(MethodError, match=match):
+        mmlab.run(smol, "Hi", [get(name, **params)], max_new_tokens=1)
+
+
+def test_composition_errors(smol):
+    with pytest.raises(MethodError, match="one weight quantization method per run"):
+        mmlab.run(smol, "Hi", [get("rtn"), get("gptq")], max_new_tokens=1)
+    with pytest.raises(MethodError, match="list it last"):
+        mmlab.run(smol, "Hi", [get("kivi"), get("h2o", budget=0.5)], max_new_tokens=1)
+    with pytest.raises(MethodError, match="unknown torchao scheme"):
+        torchao_quantize(smol, "int4_gpu")
+
+
+def test_random_architectures_quantize(random_bundles, test_samples):
+    for arch, b in random_bundles.items():
+        sample = test_samples[0] if b.multimodal else "what color is the circle ?"
+        m = get("rtn", bits=4, group_size=None, targets="all" if b.multimodal else "llm")
+        tr = mmlab.run(b, sample, [m], max_new_tokens=2)
+        assert tr.extra["quantized_linears"] == len(WeightContext(b, m.targets).linears)
