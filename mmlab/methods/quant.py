@@ -450,28 +450,20 @@ class MixLLM(GPTQ):
 
 @register
 @dataclass
-class ActQuant(WeightQuant):
+class ActQuant(RTN):
     """Weight-activation integer quantization (W8A8 / W4A4, "Give me BF16 or give me
     death", Kurtic et al., 2024): weights per output channel (symmetric, RTN), activations
     fake-quantized per token, dynamically (symmetric), at the input of every target linear."""
 
     name: ClassVar[str] = "act_quant"
     bits: int = 8  # weight bits
-    act_bits: int = 8
     group_size: int | None = None
     sym: bool = True
-    targets: str = "llm"
+    act_bits: int = 8
 
     def validate(self, ctx) -> None:
         super().validate(ctx)
         check_bits(self.name, self.act_bits, "act_bits")
-
-    def quantize_weights(self, wctx) -> None:
-        self.check_shapes(wctx)
-        for name, mod in wctx.linears.items():
-            w = mod.weight.float()
-            wctx.set(name, rtn(w, self.bits, self.group_size, self.sym),
-                     storage_bits(self.bits, self.group_size, w.shape, self.sym))
 
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token symmetric fake quantization, on the same grid as the weights (and torchao):
