@@ -84,13 +84,6 @@ def target_linears(bundle, targets) -> dict[str, torch.nn.Linear]:
     return out
 
 
-def _param_bytes(model) -> dict[int, int]:
-    seen = {}
-    for p in list(model.parameters()) + list(model.buffers()):
-        seen[p.data_ptr()] = tensor_bytes(p)
-    return seen
-
-
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes actually held by ``t``, looking inside tensor subclasses (torchao's quantized weights)."""
     if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, torch.nn.Parameter):
@@ -331,8 +324,8 @@ def quantized_weights(bundle, method) -> QuantizedWeights:
                 method.quantize_weights(wctx)
     finally:
         weights = wctx.restore()
-    quantized_ids = {wctx.linears[n].weight.data_ptr() for n in weights}
-    other = sum(b for ptr, b in _param_bytes(bundle.model).items() if ptr not in quantized_ids)
+    # everything the model holds except the (restored, full-precision) weights that were quantized
+    other = model_bytes(bundle.model) - sum(tensor_bytes(wctx.linears[n].weight) for n in weights)
     qw = QuantizedWeights(key, weights, wctx.storage_bits, {n: w.numel() for n, w in weights.items()}, other,
                           wctx.outliers, wctx.notes, time.perf_counter() - t)
     state["cache"][key] = qw

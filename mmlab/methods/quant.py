@@ -560,24 +560,24 @@ class KIVI(Method):
             raise MethodError(f"{self.name}: residual (full-precision recent tokens) must be an integer >= 0, "
                               f"got {self.residual!r}")
 
-    def _flush(self, cache, layer: int, keep: int) -> None:
-        """Move whole groups of the oldest full-precision tokens into the quantized part, leaving >= ``keep``."""
-        k, v = cache.keys[layer], cache.values[layer]
-        n_q = (k.shape[-2] - keep) // self.group_size * self.group_size
-        if n_q <= 0:
-            return
-        if cache.quantized[layer] is None:
-            cache.quantized[layer] = QuantizedKV(self.bits, self.group_size)
-        for s in range(0, n_q, self.group_size):
-            cache.quantized[layer].append(k[:, :, s:s + self.group_size], v[:, :, s:s + self.group_size])
-        cache.keys[layer], cache.values[layer] = k[:, :, n_q:].contiguous(), v[:, :, n_q:].contiguous()
+    def _flush(self, cache) -> None:
+        """Per layer, move whole groups of the oldest full-precision tokens into the quantized
+        part while at least ``residual`` stay in full precision."""
+        for layer, k in enumerate(cache.keys):
+            if k is None:
+                continue
+            v = cache.values[layer]
+            n_q = (k.shape[-2] - self.residual) // self.group_size * self.group_size
+            if n_q <= 0:
+                continue
+            if cache.quantized[layer] is None:
+                cache.quantized[layer] = QuantizedKV(self.bits, self.group_size)
+            for s in range(0, n_q, self.group_size):
+                cache.quantized[layer].append(k[:, :, s:s + self.group_size], v[:, :, s:s + self.group_size])
+            cache.keys[layer], cache.values[layer] = k[:, :, n_q:].contiguous(), v[:, :, n_q:].contiguous()
 
     def after_prefill(self, ctx, cache) -> None:
-        for layer in range(len(cache.keys)):
-            if cache.keys[layer] is not None:
-                self._flush(cache, layer, self.residual)
+        self._flush(cache)
 
     def decode_step(self, ctx, step: int, cache) -> None:
-        for layer in range(len(cache.keys)):
-            if cache.keys[layer] is not None and cache.keys[layer].shape[-2] >= self.residual + self.group_size:
-                self._flush(cache, layer, self.residual)
+        self._flush(cache)
