@@ -6,6 +6,24 @@
     m = mmlab.methods.get("random", keep_ratio=0.25)
     trace = mmlab.run(b, samples[0], methods=[m])
     res = mmlab.evaluate(b, samples, methods=[m])
+
+Module order (``MODULE_ORDER``): a module imports only modules of earlier layers (or its
+own layer's package base); imports point one way and never in a circle
+(``tests/test_imports.py`` checks both, imports inside functions included)::
+
+    data                      shapes VQA, offline text           (imports nothing of mmlab)
+    methods.base              the typed stage interface, registry (torch only)
+    methods.*                 one file per family                 (methods.base + torch only)
+    flops, trace              a run's FLOPs, and what it did
+    arch                      one adapter per architecture family (registry by model_type)
+    models                    load(name) -> Bundle (model + tokenizer + adapter)
+    engine                    prefill / decode loop and its stages (methods only through base)
+    quantize                  weight methods, swapped in *around* the engine (calibration uses it)
+    evaluate                  run / prefill with the swap, evaluate, perplexity, grid
+    recording, figures        mmlab.record, figures with provenance
+    report, viz, batch, testing   tables and drawings, sweeps, tiny random models
+    tiny                      embedded-model training
+    cli                       the command line
 """
 
 import logging
@@ -15,13 +33,30 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 from mmlab import data, figures, methods  # noqa: E402
-from mmlab.engine import prefill, run  # noqa: E402
-from mmlab.evaluate import arank, evaluate, method_grid, perplexity, perplexity_grid, quant_grid  # noqa: E402
+from mmlab.arch import Inputs  # noqa: E402
+from mmlab.evaluate import arank, evaluate, grid, knob_points, perplexity, prefill, run  # noqa: E402
 from mmlab.methods.base import MethodError  # noqa: E402
 from mmlab.models import Bundle, load  # noqa: E402
 from mmlab.recording import record, record_rows  # noqa: E402
 from mmlab.trace import Trace  # noqa: E402
 
+MODULE_ORDER = [
+    ["data"],
+    ["methods.base"],
+    ["methods"],
+    ["flops"],
+    ["trace"],
+    ["arch"],
+    ["models"],
+    ["engine"],
+    ["quantize"],
+    ["evaluate"],
+    ["recording", "figures"],
+    ["report", "viz", "batch", "testing"],
+    ["tiny"],
+    ["cli"],
+]
+
 __version__ = "0.1.0"
-__all__ = ["Bundle", "MethodError", "Trace", "arank", "data", "evaluate", "figures", "load", "method_grid", "methods",
-           "perplexity", "perplexity_grid", "prefill", "quant_grid", "record", "record_rows", "run"]
+__all__ = ["Bundle", "Inputs", "MethodError", "Trace", "arank", "data", "evaluate", "figures", "grid", "knob_points",
+           "load", "methods", "perplexity", "prefill", "record", "record_rows", "run"]

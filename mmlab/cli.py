@@ -27,7 +27,7 @@ def cmd_info(args) -> int:
 
     import mmlab
     from mmlab.models import EMBEDDED
-    from mmlab.tiny.model import CHECKPOINT_DIR
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR
 
     print(f"mmlab {mmlab.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
     print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
@@ -35,14 +35,14 @@ def cmd_info(args) -> int:
     print(f"methods: {', '.join(mmlab.methods.available())}")
     if args.model:
         b = mmlab.load(args.model)
-        print(f"{args.model}: kind={b.kind} layers={b.n_layers} dims={b.dims()} loaded in {b.load_seconds:.1f}s")
+        print(f"{args.model}: adapter={b.adapter.name} layers={b.n_layers} dims={b.dims()} loaded in {b.load_seconds:.1f}s")
     return 0
 
 
 def cmd_train_tiny(args) -> int:
     from mmlab.tiny.train import train
 
-    from mmlab.tiny.model import CHECKPOINT_DIR
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR
 
     if args.mod:  # fine-tune the shipped tiny-llava with MoD routing (p-MoD or gamma-MoD)
         from mmlab.tiny.mod import train_mod
@@ -60,7 +60,7 @@ def cmd_eval(args) -> int:
 
     methods = [mmlab.methods.get(args.method, **_parse_params(args.param))] if args.method else []  # fail fast
     b = mmlab.load(args.model)
-    if b.kind == "causal_lm":
+    if not b.multimodal:
         from mmlab.data.text import offline_corpus
 
         r = mmlab.perplexity(b, offline_corpus(), methods, window=args.window, max_windows=args.n_samples)

@@ -12,19 +12,23 @@ Tokens removed by a method are physically gone from every later layer (and from 
 layers' KV cache); nothing is masked. Positions are carried with the tokens, so a token
 keeps its RoPE position when others are dropped; decoding continues from the last
 prompt token's position + 1. One sample at a time (batch size 1).
+
+The engine sees a model only through its adapter (``mmlab.arch``) and methods only through
+their stages (``mmlab.methods.base``). Weight quantization is swapped in *around* it
+(``mmlab.quantize.applied``, entered by ``mmlab.run``); the engine only checks it is in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from mmlab.arch import Adapter
 from mmlab.methods.base import Method, MethodError
-from mmlab.quantize import applied
+from mmlab.models import active_weights
 from mmlab.trace import Trace
 
 
@@ -102,20 +106,21 @@ class Tokens:
 
 @dataclass
 class Context:
-    """What methods see of the run (see ``mmlab.methods.base`` for the contract)."""
+    """What methods see of the run (see ``mmlab.methods.base.RunContext`` for the contract)."""
 
     model_name: str
     config: object  # the decoder's config
     n_layers: int
     has_image: bool
     trace: Trace
+    adapter: Adapter
     sample_index: int = 0
     n_image_tokens: int = 0
     image_grid: tuple[int, int] | None = None  # (rows, cols) of one image's tokens, where they form a grid
     extras: dict = field(default_factory=dict)  # what a checkpoint carries besides weights (e.g. MoD routers)
     scratch: dict = field(default_factory=dict)
-    _layers: object = None
-    _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin)) kept on demand
+    method: str | None = None  # the method whose stage is running (named in errors)
+    _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin), keys) kept on demand
 
     def record_image_selection(self, image: int, kept: torch.Tensor, merged_into: torch.Tensor | None = None) -> None:
         self.trace.image_kept[image] = kept.detach().cpu()
@@ -124,36 +129,25 @@ class Context:
 
     def cache_is_image(self, layer: int) -> torch.Tensor:
         """(len,) bool: which of layer ``layer``'s cached prompt tokens are visual tokens."""
-        return (self.trace.modality[self.trace.layer_tokens[layer]] >= 0).to(self._layers[layer].self_attn.o_proj.weight.device)
+        device = self._layer_inputs[layer][2].device if layer in self._layer_inputs else self.adapter.lm_head.weight.device
+        return (self.trace.modality[self.trace.layer_tokens[layer]] >= 0).to(device)
 
     def attention_logits(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
-        """Pre-softmax attention scores ``(heads, q, k)`` of prefill layer ``layer`` (causal: -inf).
+        """Pre-softmax attention scores ``(heads, q, k)`` of prefill layer ``layer`` (masked: -inf).
 
-        Recomputed for the requested query rows only, from the layer's input and its KV
-        cache: the model itself stays on SDPA. Available for the previous layer inside
-        ``before_layer``, for layers listed in ``run(attention_layers=...)``, and for every
+        Recomputed by the model's adapter for the requested query rows only, from the layer's
+        input and its KV cache: the model itself stays on SDPA. Available for the previous layer
+        inside ``before_layer``, for layers listed in ``run(attention_layers=...)``, and for every
         layer in ``after_prefill`` when a method of the run sets ``prefill_attention``.
         """
         if layer not in self._layer_inputs:
             raise MethodError(f"attention of layer {layer} is not available here; "
                               f"only the previous layer's (or layers requested with attention_layers=)")
-        hidden, (cos, sin), keys = self._layer_inputs[layer]
-        attn = self._layers[layer].self_attn
-        if not all(hasattr(attn, a) for a in ("q_proj", "head_dim", "scaling")):
-            raise MethodError(f"{self.model_name}: its attention layers ({type(attn).__name__}) have no q_proj / "
-                              f"head_dim / scaling to recompute attention scores from")
-        n = hidden.shape[1]
-        rows = torch.arange(n, device=hidden.device)[queries if queries is not None else slice(None)]
-        rows = rows.reshape(-1)
-        x = self._layers[layer].input_layernorm(hidden[:, rows])
-        q = attn.q_proj(x).view(1, rows.numel(), -1, attn.head_dim).transpose(1, 2)
-        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-        q, _ = rope(q, q, cos[..., rows, :], sin[..., rows, :])
-        k = keys[:, :, :n]  # this layer's own prefill keys (already rotated)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = ((q * attn.scaling) @ k.transpose(-1, -2)).float()  # scale q, not the (q x k) map
-        causal = torch.arange(n, device=hidden.device)[None, :] > rows[:, None]
-        return scores.masked_fill_(causal, float("-inf"))[0]  # in place: these maps can be heads x n x n
+        self.adapter.check_attention(layer, self.method)
+        hidden, pe, keys = self._layer_inputs[layer]
+        rows = torch.arange(hidden.shape[1], device=hidden.device)
+        rows = rows[queries if queries is not None else slice(None)].reshape(-1)
+        return self.adapter.attention_logits(layer, hidden, pe, keys, rows)
 
     def attention(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Softmax attention probabilities ``(heads, q, k)`` of prefill layer ``layer`` (see ``attention_logits``)."""
@@ -161,29 +155,6 @@ class Context:
         p -= p.amax(-1, keepdim=True)  # softmax in place (no second heads x q x k buffer)
         p.exp_()
         return p.div_(p.sum(-1, keepdim=True))
-
-
-def _timed(totals: dict, key: str, fn, *args):
-    t = time.perf_counter()
-    out = fn(*args)
-    totals[key] = totals.get(key, 0.0) + (time.perf_counter() - t) * 1e3
-    return out
-
-
-def _call_layer(layer, hidden, positions, pe, cache, mask=None):
-    # M-RoPE positions (3, 1, n) live in ``pe`` only; the layer takes 1-D text positions
-    out = layer(hidden, attention_mask=mask, position_ids=positions if positions.dim() == 2 else None,
-                past_key_values=cache, use_cache=True, position_embeddings=pe)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _weighted_layer(layer, hidden, positions, pe, cache, w):
-    """A decoder layer computing x + attn(x) + w * mlp(x + attn(x)) (p-MoD's routed-token update)."""
-    h = layer.input_layernorm(hidden)
-    attn = layer.self_attn(hidden_states=h, attention_mask=None, position_ids=positions if positions.dim() == 2 else None,
-                           past_key_values=cache, use_cache=True, position_embeddings=pe)[0]
-    h = hidden + attn
-    return h + w[None, :, None].to(h.dtype) * layer.mlp(layer.post_attention_layernorm(h))
 
 
 @dataclass
@@ -197,97 +168,136 @@ class Prefill:
     next_position: torch.Tensor  # RoPE position of the first generated token
 
 
-def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_layers=(), all_logits: bool = False,
-            sample_index: int = 0) -> Prefill:
-    """Vision tower, image-feature methods, the layer loop with ``before_layer``, then ``after_prefill``.
-
-    A weight-quantization method's weights are swapped in for the call (computed once per model)."""
-    methods = list(methods)
-    _check_order(methods)
-    with applied(bundle, methods) as quantized:
-        p = _prefill(bundle, sample, methods, attention_layers, all_logits, sample_index)
-    if quantized is not None:
-        p.trace.extra.update(quantized.summary())
-    return p
-
-
-def _check_order(methods: list[Method]) -> None:
+# --- checks before a run -------------------------------------------------------------------
+def check_methods(bundle, methods: list[Method]) -> None:
+    """Order rules and the weight swap, before any work."""
     for i, m in enumerate(methods):
         later = [o.name for o in methods[i + 1:] if type(o).after_prefill is not Method.after_prefill]
-        if getattr(m, "quantizes_cache", False) and later:
+        if m.quantizes_cache and later:
             raise MethodError(f"{m.name} quantizes the KV cache, so it must come after the KV methods it composes "
                               f"with ({', '.join(later)}): list it last")
+        if m.quantizes_weights and active_weights(bundle.model) != str(m):
+            raise MethodError(f"{m.name} quantizes weights, which are swapped in around the engine: call "
+                              f"mmlab.run / mmlab.prefill / mmlab.evaluate, not mmlab.engine directly")
 
 
-def _prefill(bundle, sample, methods, attention_layers, all_logits, sample_index) -> Prefill:
-    lm = bundle.decoder
-    layers = lm.layers
-    n_layers = len(layers)
+def _call_stage(ctx: Context, method: Method, stage: str, totals: dict, *args):
+    ctx.method = method.name
+    t = time.perf_counter()
+    out = getattr(method, stage)(ctx, *args)
+    totals["method_ms"] = totals.get("method_ms", 0.0) + (time.perf_counter() - t) * 1e3
+    ctx.method = None
+    return out
+
+
+def _call_layer(layer, hidden, positions, pe, cache, mask=None):
+    # M-RoPE positions (3, 1, n) live in ``pe`` only; the layer takes 1-D text positions
+    out = layer(hidden, attention_mask=mask, position_ids=positions if positions.dim() == 2 else None,
+                past_key_values=cache, use_cache=True, position_embeddings=pe)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# --- prefill --------------------------------------------------------------------------------
+def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_layers=(), all_logits: bool = False,
+            sample_index: int = 0) -> Prefill:
+    """Vision tower, image-feature methods, the layer loop with ``before_layer``, then ``after_prefill``."""
+    methods = list(methods)
+    check_methods(bundle, methods)
     inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
-    trace = Trace(methods=[str(m) for m in methods], dims=bundle.dims())
-    ctx = Context(bundle.name, lm.config, n_layers, inputs.pixel_values is not None, trace,
-                  sample_index=sample_index, extras=bundle.extras, _layers=layers)
-    bad = [a for a in attention_layers if not 0 <= a < n_layers]
-    if bad:
-        raise MethodError(f"attention_layers {bad} out of range; this model has layers 0..{n_layers - 1}")
-    ctx.image_grid = trace.image_grid = bundle.image_grid(inputs) if ctx.has_image else None
-    for m in methods:
-        m.validate(ctx)
+    ctx = _context(bundle, inputs, methods, attention_layers, sample_index)
     # KV methods score the whole prefill after it ends: keep every layer's attention inputs until then
     keep_inputs = any(m.prefill_attention for m in methods)
     stage_ms: dict[str, float] = {}
-
     with torch.inference_mode():
         t0 = time.perf_counter()
-        feats = _timed(stage_ms, "vision_ms", bundle.image_features, inputs)
-        trace.n_image_tokens_in = sum(f.shape[0] for f in feats)
-        for m in methods:
-            feats = _timed(stage_ms, "method_ms", m.image_features, ctx, feats)
-        tokens = bundle.assemble(inputs, feats, trace)
-        ctx.n_image_tokens = int(tokens.is_image.sum())
-
-        cache = KVCache(n_layers)
-        for i, layer in enumerate(layers):
+        tokens = _prompt(bundle, inputs, methods, ctx, stage_ms)
+        cache = KVCache(ctx.n_layers)
+        for i in range(ctx.n_layers):
             for m in methods:
-                _timed(stage_ms, "method_ms", m.before_layer, ctx, i, tokens)
+                _call_stage(ctx, m, "before_layer", stage_ms, i, tokens)
             if not keep_inputs:
                 ctx._layer_inputs.pop(i - 2, None)  # scores stay available one layer back only
-            routed, weights, tokens.routed, tokens.weights = tokens.routed, tokens.weights, None, None
-            sel = slice(None) if routed is None else routed
-            trace.layer_tokens.append(tokens.source[sel])
-            hidden_in, positions = tokens.hidden[:, sel], tokens.positions[..., sel]
-            pe = lm.rotary_emb(hidden_in, positions)
-            if weights is None:
-                out = _call_layer(layer, hidden_in, positions, pe, cache)
-            else:
-                out = _weighted_layer(layer, hidden_in, positions, pe, cache, weights[sel])
-            if routed is None:
-                tokens.hidden = out
-            else:  # skipped tokens ride the residual stream (scaled by their weight under STRing)
-                skipped = tokens.hidden if weights is None else tokens.hidden * weights[None, :, None].to(out.dtype)
-                tokens.hidden = skipped.index_copy(1, routed, out)
-            ctx._layer_inputs[i] = (hidden_in, pe, cache.keys[i])
+            _prefill_layer(bundle.adapter, i, tokens, cache, ctx)
             if i in attention_layers:
-                trace.attentions[i] = ctx.attention(i).cpu()
-        h = lm.norm(tokens.hidden if all_logits else tokens.hidden[:, -1:])
-        logits = bundle.lm_head(h)[0].float()
+                ctx.trace.attentions[i] = ctx.attention(i).cpu()
+        logits = bundle.adapter.logits(tokens.hidden if all_logits else tokens.hidden[:, -1:])
         if not keep_inputs:
             ctx._layer_inputs.clear()
-        trace.kv_lengths_prefill = cache.lengths()
-        for m in methods:
-            _timed(stage_ms, "method_ms", m.after_prefill, ctx, cache)
-        ctx._layer_inputs.clear()
-        trace.kv_lengths_final = cache.lengths()
-        trace.kv_bytes = cache.nbytes()
-        trace.timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
-        trace.timings.update(stage_ms)
-        trace.logits = logits[-1].cpu()
-        if all_logits:
-            trace.all_logits = logits.cpu()
+        _compress(ctx, cache, methods, stage_ms)
+        _finish_prefill(ctx.trace, cache, logits, all_logits, stage_ms, t0)
     # decoding continues from the last prompt token's position, whatever was dropped before it
-    return Prefill(trace, cache, ctx, logits, tokens.positions[..., -1:] + 1)
+    return Prefill(ctx.trace, cache, ctx, logits, tokens.positions[..., -1:] + 1)
 
 
+def _context(bundle, inputs, methods, attention_layers, sample_index) -> Context:
+    adapter = bundle.adapter
+    n_layers = len(adapter.layers)
+    trace = Trace(methods=[str(m) for m in methods], dims=adapter.dims())
+    ctx = Context(bundle.name, adapter.decoder.config, n_layers, inputs.pixel_values is not None, trace, adapter,
+                  sample_index=sample_index, extras=bundle.extras)
+    bad = [a for a in attention_layers if not 0 <= a < n_layers]
+    if bad:
+        raise MethodError(f"attention_layers {bad} out of range; this model has layers 0..{n_layers - 1}")
+    ctx.image_grid = trace.image_grid = adapter.image_grid(inputs) if ctx.has_image else None
+    for m in methods:
+        m.validate(ctx)
+    return ctx
+
+
+def _prompt(bundle, inputs, methods, ctx: Context, stage_ms: dict) -> Tokens:
+    """Vision tower + projector, the image_features stage, and the assembled prompt."""
+    t = time.perf_counter()
+    feats = bundle.adapter.image_features(inputs)
+    stage_ms["vision_ms"] = (time.perf_counter() - t) * 1e3
+    ctx.trace.n_image_tokens_in = sum(f.shape[0] for f in feats)
+    for m in methods:
+        feats = _call_stage(ctx, m, "image_features", stage_ms, feats)
+    prompt = bundle.adapter.assemble(inputs, feats, ctx.trace.image_kept)
+    ctx.trace.modality = prompt.modality
+    is_image = prompt.modality.to(prompt.source.device)[prompt.source] >= 0
+    ctx.n_image_tokens = int(is_image.sum())
+    return Tokens(prompt.embeds, prompt.positions, prompt.source, is_image)
+
+
+def _prefill_layer(adapter, i: int, tokens: Tokens, cache: KVCache, ctx: Context) -> None:
+    """Decoder layer ``i`` on the live tokens (only the routed ones when a method routed)."""
+    routed, weights, tokens.routed, tokens.weights = tokens.routed, tokens.weights, None, None
+    sel = slice(None) if routed is None else routed
+    ctx.trace.layer_tokens.append(tokens.source[sel])
+    hidden_in, positions = tokens.hidden[:, sel], tokens.positions[..., sel]
+    pe = adapter.rotary(hidden_in, positions, i)
+    mask = adapter.attention_mask(i, 0, hidden_in.shape[1])
+    if weights is None:
+        out = _call_layer(adapter.layers[i], hidden_in, positions, pe, cache, mask)
+    else:
+        out = adapter.weighted_layer(i, hidden_in, positions, pe, cache, weights[sel], mask)
+    if routed is None:
+        tokens.hidden = out
+    else:  # skipped tokens ride the residual stream (scaled by their weight under STRing)
+        skipped = tokens.hidden if weights is None else tokens.hidden * weights[None, :, None].to(out.dtype)
+        tokens.hidden = skipped.index_copy(1, routed, out)
+    ctx._layer_inputs[i] = (hidden_in, pe, cache.keys[i])
+
+
+def _compress(ctx: Context, cache: KVCache, methods, stage_ms: dict) -> None:
+    """The after_prefill stage: KV eviction / merging / quantization."""
+    ctx.trace.kv_lengths_prefill = cache.lengths()
+    for m in methods:
+        _call_stage(ctx, m, "after_prefill", stage_ms, cache)
+    ctx._layer_inputs.clear()
+
+
+def _finish_prefill(trace: Trace, cache: KVCache, logits, all_logits: bool, stage_ms: dict, t0: float) -> None:
+    trace.kv_lengths_final = cache.lengths()
+    trace.kv_bytes = cache.nbytes()
+    trace.timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
+    trace.timings.update(stage_ms)
+    trace.logits = logits[-1].cpu()
+    if all_logits:
+        trace.all_logits = logits.cpu()
+
+
+# --- decode -------------------------------------------------------------------------------------
 def run(bundle, sample, methods: list[Method] | tuple = (), *, max_new_tokens: int | None = None,
         attention_layers: tuple[int, ...] | list[int] = (), all_logits: bool = False,
         sample_index: int = 0) -> Trace:
@@ -298,11 +308,6 @@ def run(bundle, sample, methods: list[Method] | tuple = (), *, max_new_tokens: i
     cache (counted like decode tokens in the Trace) before generation starts.
     """
     methods = list(methods)
-    with applied(bundle, methods):  # weights stay quantized through decoding
-        return _run(bundle, sample, methods, max_new_tokens, attention_layers, all_logits, sample_index)
-
-
-def _run(bundle, sample, methods, max_new_tokens, attention_layers, all_logits, sample_index) -> Trace:
     inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
     query = None
     if inputs.context_len is not None:
@@ -310,18 +315,27 @@ def _run(bundle, sample, methods, max_new_tokens, attention_layers, all_logits, 
         inputs = dataclasses.replace(inputs, input_ids=inputs.input_ids[:, :inputs.context_len], context_len=None)
     p = prefill(bundle, inputs, methods, attention_layers=attention_layers, all_logits=all_logits,
                 sample_index=sample_index)
-    trace, cache, lm = p.trace, p.cache, bundle.decoder
-    max_new = bundle.max_new_tokens if max_new_tokens is None else max_new_tokens
-    next_pos, step_ms, ids, stop = p.next_position, [], [], bundle.stop_ids
-    logits = p.logits[-1]
+    logits, next_pos = p.logits[-1], p.next_position
     if query is not None and query.shape[1]:
-        t, lengths = time.perf_counter(), cache.lengths()
-        logits = extend(bundle, cache, query, next_pos)[-1]
-        trace.decode_kv_lengths += [[n + j + 1 for n in lengths] for j in range(query.shape[1])]
-        trace.timings["query_ms"] = (time.perf_counter() - t) * 1e3
-        trace.extra["query_tokens"] = query.shape[1]
-        trace.logits = logits.cpu()
-        next_pos = next_pos + query.shape[1]
+        logits, next_pos = _feed_query(bundle, p, query)
+    _generate(bundle, p, methods, logits, next_pos, bundle.max_new_tokens if max_new_tokens is None else max_new_tokens)
+    return p.trace
+
+
+def _feed_query(bundle, p: Prefill, query: torch.Tensor):
+    """The question's tokens over the compressed context cache; returns its last logits and the next position."""
+    t, lengths = time.perf_counter(), p.cache.lengths()
+    logits = extend(bundle, p.cache, query, p.next_position)[-1]
+    p.trace.decode_kv_lengths += [[n + j + 1 for n in lengths] for j in range(query.shape[1])]
+    p.trace.timings["query_ms"] = (time.perf_counter() - t) * 1e3
+    p.trace.extra["query_tokens"] = query.shape[1]
+    p.trace.logits = logits.cpu()
+    return logits, p.next_position + query.shape[1]
+
+
+def _generate(bundle, p: Prefill, methods, logits: torch.Tensor, next_pos: torch.Tensor, max_new: int) -> None:
+    """Greedy decoding until a stop token or ``max_new`` tokens; fills the Trace's answer and timings."""
+    ids, step_ms, stop = [], [], bundle.stop_ids
     token = int(logits.argmax())
     with torch.inference_mode():
         for step in range(max_new):
@@ -331,24 +345,33 @@ def _run(bundle, sample, methods, max_new_tokens, attention_layers, all_logits, 
             if step == max_new - 1:
                 break
             t = time.perf_counter()
-            for m in methods:
-                m.decode_step(p.ctx, step, cache)
-            trace.decode_kv_lengths.append([n + 1 for n in cache.lengths()])
-            h = lm.embed_tokens(torch.tensor([[token]], device=next_pos.device))
-            pe = lm.rotary_emb(h, next_pos)
-            for layer in lm.layers:
-                h = _call_layer(layer, h, next_pos, pe, cache)
-            step_logits = bundle.lm_head(lm.norm(h))[0, -1].float()
-            trace.step_logits.append(step_logits.cpu())
-            token = int(step_logits.argmax())
+            token = _decode_step(bundle.adapter, p, methods, step, token, next_pos)
             next_pos = next_pos + 1
             step_ms.append((time.perf_counter() - t) * 1e3)
-    trace.answer_ids = ids
-    trace.answer = bundle.decode(ids)
-    trace.kv_bytes_final = cache.nbytes()
+    p.trace.answer_ids = ids
+    p.trace.answer = bundle.decode(ids)
+    p.trace.kv_bytes_final = p.cache.nbytes()
     if step_ms:
-        trace.timings["decode_ms_per_token"] = float(torch.tensor(step_ms).median())
-    return trace
+        p.trace.timings["decode_ms_per_token"] = float(torch.tensor(step_ms).median())
+
+
+def _decode_step(adapter, p: Prefill, methods, step: int, token: int, position: torch.Tensor) -> int:
+    for m in methods:
+        m.decode_step(p.ctx, step, p.cache)
+    p.trace.decode_kv_lengths.append([n + 1 for n in p.cache.lengths()])
+    h = adapter.embed(torch.tensor([[token]], device=position.device))
+    logits = adapter.logits(_forward(adapter, h, position, p.cache))[-1]
+    p.trace.step_logits.append(logits.cpu())
+    return int(logits.argmax())
+
+
+def _forward(adapter, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """``h`` (1, q, d) through every layer after each layer's cached tokens (causal among the new ones)."""
+    q, past = h.shape[1], cache.lengths()
+    pes = adapter.rotary_tables(h, positions)
+    for i, layer in enumerate(adapter.layers):
+        h = _call_layer(layer, h, positions, pes[i], cache, adapter.attention_mask(i, past[i], q))
+    return h
 
 
 @torch.inference_mode()
@@ -358,13 +381,6 @@ def extend(bundle, cache: KVCache, input_ids: torch.Tensor, start_position: torc
     Teacher-forced continuation for perplexity: each layer attends over its own cached
     length plus the new tokens causally, with positions continuing from ``start_position``.
     """
-    lm = bundle.decoder
-    q = input_ids.shape[1]
-    h = lm.embed_tokens(input_ids)
-    pos = start_position + torch.arange(q, device=h.device)
-    pe = lm.rotary_emb(h, pos)
-    for i, layer in enumerate(lm.layers):
-        past = cache.lengths()[i]
-        mask = torch.arange(past + q, device=h.device)[None, :] <= (past + torch.arange(q, device=h.device))[:, None]
-        h = _call_layer(layer, h, pos, pe, cache, mask[None, None])
-    return bundle.lm_head(lm.norm(h))[0].float()
+    adapter = bundle.adapter
+    pos = start_position + torch.arange(input_ids.shape[1], device=input_ids.device)
+    return adapter.logits(_forward(adapter, adapter.embed(input_ids), pos, cache))

@@ -1,7 +1,9 @@
-"""Many-sample helpers over the engine: VQA accuracy and perplexity.
+"""The public run functions and the many-sample helpers over the engine.
 
-Every number here is aggregated from Traces: FLOPs from their per-layer token counts,
-KV bytes from the cache tensors they measured, times from their wall-clocks.
+``run`` / ``prefill`` are the engine's, with a run's weight quantization swapped in around
+them (``mmlab.quantize.applied``). ``evaluate`` (VQA accuracy), ``perplexity`` and the one
+grid runner ``grid`` aggregate Traces: FLOPs from their per-layer token counts, KV bytes from
+the cache tensors they measured, times from their wall-clocks.
 """
 
 from __future__ import annotations
@@ -15,11 +17,36 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from mmlab.engine import extend, prefill, run
-from mmlab.methods.base import MethodError
-from mmlab.quantize import applied
+from mmlab import engine
+from mmlab.arch import Inputs
+from mmlab.methods.base import Method, MethodError, get, knob, method_class
+from mmlab.quantize import applied, quantized_weights
+from mmlab.trace import Trace
 
 
+# --- one sample ----------------------------------------------------------------------------------
+def run(bundle, sample, methods=(), **kw) -> Trace:
+    """Prefill + greedy decode of one sample under ``methods`` (see ``mmlab.engine.run`` for the
+    keyword arguments), weight quantization included; returns the Trace."""
+    methods = list(methods)
+    with applied(bundle, methods) as quantized:  # weights stay quantized through decoding
+        trace = engine.run(bundle, sample, methods, **kw)
+    if quantized is not None:
+        trace.extra.update(quantized.summary())
+    return trace
+
+
+def prefill(bundle, sample, methods=(), **kw) -> engine.Prefill:
+    """The prefill alone (and its after_prefill methods), weight quantization included."""
+    methods = list(methods)
+    with applied(bundle, methods) as quantized:
+        p = engine.prefill(bundle, sample, methods, **kw)
+    if quantized is not None:
+        p.trace.extra.update(quantized.summary())
+    return p
+
+
+# --- accuracy ------------------------------------------------------------------------------------
 def normalise(text: str) -> str:
     words = re.findall(r"[a-z0-9]+", text.lower())
     return words[0] if words else ""
@@ -66,6 +93,17 @@ class EvalResult:
         return out
 
 
+def _sample_row(i: int, s, tr: Trace) -> dict:
+    img = tr.image_tokens_per_layer()
+    return {"uid": getattr(s, "uid", i), "qtype": getattr(s, "qtype", "all"), "answer": s.answer,
+            "pred": tr.answer, "correct": is_correct(tr.answer, s),
+            "prefill_flops": tr.flops["prefill"], "kv_bytes": tr.kv_bytes,
+            "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
+            "decode_ms": tr.timings.get("decode_ms_per_token", float("nan")), "image_tokens": img[0],
+            "vision_retention": sum(img) / len(tr.layer_tokens) / max(1, tr.n_image_tokens_in),
+            "mean_tokens_per_layer": sum(tr.tokens_per_layer) / len(tr.tokens_per_layer)}
+
+
 def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_tokens: int | None = None) -> EvalResult:
     """Greedy-answer accuracy (first word, case-insensitive) per question type."""
     if not samples:
@@ -73,16 +111,8 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
     rows, methods = [], list(methods)
     with applied(bundle, methods) as quantized:  # quantize the weights once, not per sample
         for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress, mininterval=2)):
-            tr = run(bundle, s, methods, max_new_tokens=max_new_tokens, sample_index=i)
-            rows.append({"uid": getattr(s, "uid", i), "qtype": getattr(s, "qtype", "all"), "answer": s.answer,
-                         "pred": tr.answer, "correct": is_correct(tr.answer, s),
-                         "prefill_flops": tr.flops["prefill"], "kv_bytes": tr.kv_bytes,
-                         "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
-                         "decode_ms": tr.timings.get("decode_ms_per_token", float("nan")),
-                         "image_tokens": tr.image_tokens_per_layer()[0],
-                         "vision_retention": (sum(tr.image_tokens_per_layer()) / len(tr.layer_tokens)
-                                              / max(1, tr.n_image_tokens_in)),
-                         "mean_tokens_per_layer": sum(tr.tokens_per_layer) / len(tr.tokens_per_layer)})
+            rows.append(_sample_row(i, s, engine.run(bundle, s, methods, max_new_tokens=max_new_tokens,
+                                                     sample_index=i)))
     by_type: dict[str, list[bool]] = {}
     for r in rows:
         by_type.setdefault(r["qtype"], []).append(r["correct"])
@@ -103,89 +133,7 @@ def _median_finite(values) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
-def keep_param(name: str) -> str:
-    """The parameter that sets how much a method keeps: ``keep_ratio`` / ``ratio`` (visual tokens)
-    or ``budget`` (KV cache)."""
-    import dataclasses
-
-    from mmlab.methods.base import _REGISTRY
-
-    fields = {f.name for f in dataclasses.fields(_REGISTRY[name])} if name in _REGISTRY else set()
-    for p in ("keep_ratio", "ratio", "budget"):
-        if p in fields:
-            return p
-    raise MethodError(f"method {name!r} has no keep_ratio / ratio / budget parameter to sweep")
-
-
-def _column(name: str) -> str:
-    return "budget" if keep_param(name) == "budget" else "keep_ratio"
-
-
-def method_grid(bundle, samples, methods: list[str], values: list[float], *, progress: bool = True):
-    """Accuracy, per-type accuracy, FLOPs, KV bytes and times of every method at every keep
-    ratio / budget, plus the unmodified model (method ``none`` at 1.0): one row per point
-    (``flops_ratio`` = unmodified / method prefill FLOPs; the value column is ``keep_ratio``
-    for visual-token methods, ``budget`` for KV methods). A setting a method refuses on these
-    inputs (``MethodError``) gets a row with its ``error`` and no metrics."""
-    import pandas as pd
-
-    from mmlab.methods.base import get
-
-    dense = evaluate(bundle, samples, [], progress=False)
-    img = lambda res: statistics.fmean(r["image_tokens"] for r in res.rows)  # noqa: E731
-    cols = {_column(n) for n in methods} or {"keep_ratio"}
-    rows = [{"method": "none", **{c: 1.0 for c in cols}, **dense.metrics(), "image_tokens_layer0": img(dense)}]
-    points = [(m, v) for m in methods for v in values]
-    for name, value in tqdm(points, desc="methods x settings", disable=not progress):
-        try:
-            res = evaluate(bundle, samples, [get(name, **{keep_param(name): value})], progress=False)
-        except MethodError as e:  # a setting the rule refuses here (e.g. budget below SnapKV's window)
-            rows.append({"method": name, _column(name): value, "error": str(e)})
-            continue
-        rows.append({"method": name, _column(name): value, **res.metrics(), "image_tokens_layer0": img(res)})
-    df = pd.DataFrame(rows)
-    df["flops_ratio"] = dense.flops / (df.tflops * 1e12)
-    return df
-
-
-def perplexity_grid(bundle, text: str, methods: list[str], budgets: list[float], *, window: int = 1024,
-                    context: int = 768, max_windows: int = 4, progress: bool = True):
-    """Continuation perplexity (``context`` tokens prefilled and compressed, the rest of each
-    ``window`` scored) of every KV method at every budget, plus the uncompressed cache."""
-    import pandas as pd
-
-    from mmlab.methods.base import get
-
-    points = [("none", 1.0)] + [(m, b) for m in methods for b in budgets]
-    rows = []
-    for name, budget in tqdm(points, desc="perplexity x budgets", disable=not progress):
-        ms = [] if name == "none" else [get(name, **{keep_param(name): budget})]
-        t = time.perf_counter()
-        try:
-            r = perplexity(bundle, text, ms, window=window, context=context, max_windows=max_windows, progress=False)
-        except MethodError as e:
-            rows.append({"method": name, "budget": budget, "error": str(e)})
-            continue
-        rows.append({"method": name, "budget": budget, "perplexity": r.perplexity, "nll": r.nll,
-                     "kv_bytes": r.kv_bytes, "tokens": r.n_tokens, "seconds": time.perf_counter() - t})
-    return pd.DataFrame(rows)
-
-
-def arank(bundle, samples) -> list[float]:
-    """gamma-MoD's ARank per decoder layer: the mean over heads (and over ``samples``, the
-    calibration set) of the rank of each layer's causal attention map, diagonal zeroed.
-    Scores are recomputed beside SDPA; a model whose attention cannot be recomputed raises."""
-    from mmlab.methods.mod import attention_rank
-
-    layers = list(range(bundle.n_layers))
-    per_layer = [[] for _ in layers]
-    for s in samples:
-        tr = run(bundle, s, attention_layers=layers, max_new_tokens=1)
-        for i in layers:
-            per_layer[i].append(attention_rank(tr.attentions[i]))
-    return [statistics.fmean(v) for v in per_layer]
-
-
+# --- perplexity ----------------------------------------------------------------------------------
 @dataclass
 class PerplexityResult:
     perplexity: float
@@ -197,6 +145,20 @@ class PerplexityResult:
     weight_bits: float = float("nan")  # effective bits per quantized weight (weight quantization methods)
 
 
+def _windows(bundle, text: str, window: int, context: int | None, max_windows: int | None) -> torch.Tensor:
+    if not bundle.adapter.text_perplexity:
+        raise MethodError(f"perplexity needs a text LM that reads real text (e.g. smollm2-135m); {bundle.name}'s "
+                          f"LM does not")
+    if context is not None and not 0 < context < window:
+        raise MethodError(f"context must be in 1..window-1 ({window - 1}), got {context}")
+    ids = bundle.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n_win = len(ids) // window
+    if n_win == 0:
+        raise MethodError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+    n_win = min(n_win, max_windows) if max_windows else n_win
+    return ids[: n_win * window].view(n_win, window)
+
+
 def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int | None = None,
                max_windows: int | None = 8, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``text`` in non-overlapping windows of ``window`` tokens.
@@ -206,28 +168,17 @@ def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int
     compression at ``after_prefill``), and the remaining ``window - c`` tokens are scored
     teacher-forced against that cache: the perplexity of the continuation.
     """
-    if bundle.multimodal and bundle.kind == "tiny-llava":
-        raise MethodError("perplexity needs a text LM (e.g. smollm2-135m); tiny-llava only knows the shapes vocabulary")
-    if context is not None and not 0 < context < window:
-        raise MethodError(f"context must be in 1..window-1 ({window - 1}), got {context}")
-    ids = bundle.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_win = len(ids) // window
-    if n_win == 0:
-        raise MethodError(f"text has {len(ids)} tokens, fewer than one window of {window}")
-    if max_windows:
-        n_win = min(n_win, max_windows)
-    from mmlab.models import Inputs
-
+    chunks = _windows(bundle, text, window, context, max_windows)
     nll_sum, count, kv, ms, methods = 0.0, 0, [], [], list(methods)
     with applied(bundle, methods) as quantized:
-        for w in tqdm(range(n_win), desc=f"ppl {bundle.name}", disable=not progress, mininterval=2):
-            chunk = ids[w * window:(w + 1) * window][None]
+        for w in tqdm(range(len(chunks)), desc=f"ppl {bundle.name}", disable=not progress, mininterval=2):
+            chunk = chunks[w][None]
             if context is None:
-                p = prefill(bundle, Inputs(chunk), methods, all_logits=True, sample_index=w)
+                p = engine.prefill(bundle, Inputs(chunk), methods, all_logits=True, sample_index=w)
                 logits, targets = p.logits[:-1], chunk[0, 1:]
             else:
-                p = prefill(bundle, Inputs(chunk[:, :context]), methods, sample_index=w)
-                cont = extend(bundle, p.cache, chunk[:, context:], p.next_position)
+                p = engine.prefill(bundle, Inputs(chunk[:, :context]), methods, sample_index=w)
+                cont = engine.extend(bundle, p.cache, chunk[:, context:], p.next_position)
                 logits = torch.cat([p.logits[-1:], cont[:-1]])
                 targets = chunk[0, context:]
             kv.append(p.trace.kv_bytes)
@@ -235,42 +186,116 @@ def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int
             nll_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             count += targets.numel()
     nll = nll_sum / count
-    return PerplexityResult(math.exp(nll), nll, count, n_win, statistics.fmean(kv), statistics.median(ms),
+    return PerplexityResult(math.exp(nll), nll, count, len(chunks), statistics.fmean(kv), statistics.median(ms),
                             quantized.weight_bits if quantized else float("nan"))
 
 
-def quant_grid(bundle, configs: list[dict], *, text: str | None = None, samples=None, window: int = 512,
-               context: int | None = None, max_windows: int = 8, progress: bool = True):
-    """One row per quantization config (``{"method": name, **params}``, or ``{"method": "none"}``):
-    perplexity of ``text`` (a text LM) or accuracy on ``samples``, effective bits per weight,
-    packed model bytes, KV bytes and the one-time quantization seconds. Invalid configs become
-    rows with an ``error`` (the sweep goes on)."""
+# --- grids -----------------------------------------------------------------------------------------
+def knob_points(methods: list[str], values: list) -> list[dict]:
+    """Every method at every value of its sweep knob (keep_ratio / ratio / budget / bits):
+    configs for ``grid``."""
+    return [{"method": name, knob(name): v} for name in methods for v in values]
+
+
+def _describe(cfg) -> tuple[str, dict]:
+    """(label, parameters given) of one grid point: ``{"method": name, **params}`` (``"none"`` = no
+    method, optional ``"label"``), ``{"label": ..., "methods": [Method, ...]}``, a Method or a list."""
+    if isinstance(cfg, Method):
+        return cfg.name, {}
+    if isinstance(cfg, (list, tuple)):
+        return "+".join(m.name for m in cfg) or "none", {}
+    if "methods" in cfg:
+        return cfg.get("label") or "+".join(m.name for m in cfg["methods"]) or "none", {}
+    return cfg.get("label", cfg["method"]), {k: v for k, v in cfg.items() if k not in ("method", "label")}
+
+
+def _methods(cfg) -> list[Method]:
+    if isinstance(cfg, Method):
+        return [cfg]
+    if isinstance(cfg, (list, tuple)):
+        return list(cfg)
+    if "methods" in cfg:
+        return list(cfg["methods"])
+    return [] if cfg["method"] == "none" else [get(cfg["method"], **_describe(cfg)[1])]
+
+
+def _setting(cfg, params: dict) -> dict:
+    """The table's setting column of a ``{"method": name, knob: value}`` point: ``budget`` for a KV
+    method, ``keep_ratio`` for a visual-token / MoD one (whose knob may be called ``ratio``)."""
+    if not isinstance(cfg, dict) or cfg.get("method", "none") == "none":
+        return {}
+    k = method_class(cfg["method"]).knob
+    if k not in params or k not in ("keep_ratio", "ratio", "budget"):
+        return {}
+    return {"budget" if k == "budget" else "keep_ratio": params[k]}
+
+
+def _point(bundle, methods, samples, text, ppl_kw) -> dict:
+    """Metrics of one grid point: accuracy on ``samples`` or perplexity of ``text``."""
+    row = {}
+    wq = [m for m in methods if m.quantizes_weights]
+    if wq:
+        t = time.perf_counter()
+        qw = quantized_weights(bundle, wq[0])
+        row.update(quantize_s=time.perf_counter() - t, weight_bits=qw.weight_bits, packed_bytes=qw.packed_bytes,
+                   outliers=qw.outliers)
+    if samples is not None:
+        res = evaluate(bundle, samples, methods, progress=False)
+        row.update(res.metrics(), image_tokens_layer0=statistics.fmean(r["image_tokens"] for r in res.rows))
+    else:
+        r = perplexity(bundle, text, methods, progress=False, **ppl_kw)
+        row.update(perplexity=r.perplexity, nll=r.nll, kv_bytes=r.kv_bytes, tokens=r.n_tokens, prefill_ms=r.prefill_ms)
+    return row
+
+
+def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseline: bool = True, window: int = 512,
+         context: int | None = None, max_windows: int | None = 8, progress: bool = True):
+    """One row per configuration: accuracy on ``samples`` (with per-type accuracy, FLOPs, KV bytes,
+    times) or perplexity of ``text`` (``window`` / ``context`` / ``max_windows`` as ``perplexity``),
+    plus the weight bits, packed bytes and one-time quantization seconds of weight methods.
+
+    ``configs``: ``{"method": name, **params}`` dicts (e.g. ``knob_points(methods, values)``),
+    ``{"label": ..., "methods": [...]}``, or method lists. With ``baseline`` the unmodified model
+    comes first (method ``none``, setting 1.0) and ``flops_ratio`` = its FLOPs / each row's. A
+    setting the rule refuses here (``MethodError``) becomes a row with its ``error``."""
     import pandas as pd
 
-    from mmlab.methods.base import get
-    from mmlab.quantize import quantized_weights
-
     if (text is None) == (samples is None):
-        raise MethodError("quant_grid needs exactly one of text= (perplexity) or samples= (accuracy)")
+        raise MethodError("grid needs exactly one of samples= (accuracy) or text= (perplexity)")
+    ppl_kw = dict(window=window, context=context, max_windows=max_windows)
     rows = []
-    for cfg in tqdm(configs, desc="quantization configs", disable=not progress):
-        params = {k: v for k, v in cfg.items() if k != "method"}
-        row = {"method": cfg["method"], **{k: ("ch" if k == "group_size" and v is None else v)
-                                          for k, v in params.items()}}
+    for cfg in tqdm(([{"method": "none"}] if baseline else []) + list(configs), desc=f"grid {bundle.name}",
+                    disable=not progress):
+        label, params = _describe(cfg)
+        row = {"method": label, **{k: ("ch" if k == "group_size" and v is None else v) for k, v in params.items()}}
+        t = time.perf_counter()
         try:
-            ms = [] if cfg["method"] == "none" else [get(cfg["method"], **params)]
-            t = time.perf_counter()
-            qw = quantized_weights(bundle, ms[0]) if ms and getattr(ms[0], "quantizes_weights", False) else None
-            row["quantize_s"] = time.perf_counter() - t
-            if qw is not None:
-                row.update(weight_bits=qw.weight_bits, packed_bytes=qw.packed_bytes, outliers=qw.outliers)
-            if text is not None:
-                r = perplexity(bundle, text, ms, window=window, context=context, max_windows=max_windows, progress=False)
-                row.update(perplexity=r.perplexity, kv_bytes=r.kv_bytes)
-            else:
-                r = evaluate(bundle, samples, ms, progress=False)
-                row.update(accuracy=r.accuracy, kv_bytes=r.kv_bytes)
-        except MethodError as e:
+            row.update(_setting(cfg, params))
+            row.update(_point(bundle, _methods(cfg), samples, text, ppl_kw), seconds=time.perf_counter() - t)
+        except MethodError as e:  # a setting the rule refuses on these inputs (e.g. budget below SnapKV's window)
             row["error"] = str(e)
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    if baseline:
+        for col in ("keep_ratio", "budget"):
+            if col in df:
+                df.loc[df.method == "none", col] = 1.0
+        if "tflops" in df:
+            df["flops_ratio"] = df.tflops[df.method == "none"].iloc[0] / df.tflops
+    return df
+
+
+# --- per-layer statistics -------------------------------------------------------------------------------
+def arank(bundle, samples) -> list[float]:
+    """gamma-MoD's ARank per decoder layer: the mean over heads (and over ``samples``, the
+    calibration set) of the rank of each layer's causal attention map, diagonal zeroed.
+    Scores are recomputed beside SDPA; a model whose attention cannot be recomputed raises."""
+    from mmlab.methods.mod import attention_rank
+
+    layers = list(range(bundle.n_layers))
+    per_layer = [[] for _ in layers]
+    for s in samples:
+        tr = engine.run(bundle, s, attention_layers=layers, max_new_tokens=1)
+        for i in layers:
+            per_layer[i].append(attention_rank(tr.attentions[i]))
+    return [statistics.fmean(v) for v in per_layer]

@@ -3,8 +3,9 @@
 A weight method (``mmlab.methods.quant``) computes its de-quantized weights once per
 (model, method) through a ``WeightContext``; ``applied(bundle, methods)`` swaps them in
 for the duration of a run (pointer swaps: cheap enough per sample) and installs the
-activation quantizer's input hooks. The engine, ``evaluate`` and ``perplexity`` enter it;
-nested entries with the same method are free.
+activation quantizer's input hooks. It wraps the engine from outside: ``mmlab.run`` /
+``mmlab.prefill`` / ``evaluate`` / ``perplexity`` enter it around the engine's calls (nested
+entries with the same method are free), and calibration drives the engine's dense prefill.
 
 ``torchao_quantize`` builds the *real* counterpart with torchao's kernels for the bytes
 and speed columns: on CPU, int8 weight-only and int8 dynamic-activation kernels, and
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import re
 import time
@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmlab.engine import prefill
 from mmlab.methods.base import MethodError
+from mmlab.models import set_active_weights
 
 _BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -124,12 +126,12 @@ class WeightContext:
 
     # --- data ---------------------------------------------------------------------------
     def calibration(self, n: int, length: int) -> list:
-        """``n`` calibration samples: ``length``-token windows from the end of the offline corpus
-        (perplexity is measured from its start) for text models; training-split shapes prompts
-        for tiny-llava."""
+        """``n`` calibration samples, the adapter's way: ``length``-token windows from the end of the
+        offline corpus (perplexity is measured from its start) for text LMs; training-split shapes
+        questions for VLMs."""
         if n < 1:
             raise MethodError(f"calibration needs at least one sample, got {n}")
-        return calibration_set(self.bundle, n, length)
+        return self.bundle.adapter.calibration(n, length)
 
     @torch.no_grad()
     def _layer_inputs(self, layer: str, calib) -> list:
@@ -145,8 +147,6 @@ class WeightContext:
                 out = out[0] if isinstance(out, tuple) else out
                 inputs.append(((out,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": out}))
         else:
-            from mmlab.engine import prefill
-
             inputs = []
 
             def grab(mod, args, kwargs):
@@ -172,8 +172,6 @@ class WeightContext:
     def _forward_with_hooks(self, names: list[str], calib, on_input) -> None:
         """Run each calibration sample until every linear in ``names`` has seen its input: the block's
         layer alone where the block is a layer of a stack, otherwise the model up to the block."""
-        from mmlab.engine import prefill
-
         m = _BLOCK.match(names[0])
         layer_inputs = self._layer_inputs(m.group(1), calib) if m else None
         for i, s in enumerate(calib):
@@ -286,23 +284,6 @@ class WeightContext:
         return done
 
 
-def calibration_set(bundle, n: int, length: int) -> list:
-    from mmlab.models import Inputs
-
-    if bundle.kind == "tiny-llava":
-        from mmlab.data import shapes
-
-        return [bundle.encode(s) for s in shapes(n, seed=0, split="train")]
-    from mmlab.data import offline_corpus
-
-    ids = bundle.tokenizer(offline_corpus(), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if len(ids) < n * length:
-        raise MethodError(f"the offline corpus has {len(ids)} tokens, fewer than {n} x {length} calibration tokens; "
-                          f"lower calib_samples or calib_len")
-    tail = ids[len(ids) - n * length:]
-    return [Inputs(tail[i * length:(i + 1) * length][None]) for i in range(n)]
-
-
 # --- applying a method ------------------------------------------------------------------------
 _STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 CACHE_SIZE = 2  # quantized weight sets kept per model (each is a model-sized copy of the linears)
@@ -337,7 +318,7 @@ def quantized_weights(bundle, method) -> QuantizedWeights:
 @contextlib.contextmanager
 def applied(bundle, methods):
     """Swap the run's weight quantization in (and activation hooks) for the ``with`` body."""
-    wq = [m for m in methods if getattr(m, "quantizes_weights", False)]
+    wq = [m for m in methods if m.quantizes_weights]
     if not wq:
         yield None
         return
@@ -357,14 +338,16 @@ def applied(bundle, methods):
     try:
         for n, w in qw.weights.items():
             modules[n].weight = torch.nn.Parameter(w, requires_grad=False)
-        if hasattr(method, "quantize_activation"):
+        if method.quantizes_activations():
             for n in qw.weights:
                 hooks.append(modules[n].register_forward_pre_hook(
                     lambda m, args: (method.quantize_activation(args[0]),) + tuple(args[1:])))
         state["active"] = qw
+        set_active_weights(bundle.model, qw.method)
         yield qw
     finally:
         state["active"] = None
+        set_active_weights(bundle.model, None)
         for h in hooks:
             h.remove()
         for n, w in originals.items():
@@ -412,4 +395,4 @@ def torchao_quantize(bundle, scheme: str, *, bits: int = 4, group_size: int | No
     tq = _torchao()
     tq.quantize_(model, cfg, filter_fn=lambda mod, fqn: fqn in names)
     label = scheme if scheme != "intx_weight" else f"int{bits}_weight_g{group_size or 'ch'}"
-    return dataclasses.replace(bundle, model=model, name=f"{bundle.name}+torchao:{label}")
+    return bundle.with_model(model, f"{bundle.name}+torchao:{label}")

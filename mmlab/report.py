@@ -1,17 +1,43 @@
 """Report figures and tables, rebuilt from collected sweep tables alone (``mmlab figures``).
 
 Each entry of ``FIGURES`` names the sweep whose ``runs/SWEEP/results.csv`` it reads and a
-function drawing one figure from that table. Adding a report figure = one function + one
-entry. Nothing here runs a model.
+function drawing one figure from that table (the rows of one ``task`` where a notebook records
+several tables at once). Adding a report figure = one function + one entry. Nothing here runs
+a model; a drawing of a test image regenerates it from its recorded seed and index.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from mmlab import figures
+from mmlab import figures, viz
+from mmlab.data.shapes import shapes
+
+
+class NoRows(LookupError):
+    """The collected table has no rows for this figure (e.g. a sweep recorded before it existed)."""
+
+
+def task_rows(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """The ok rows of ``task`` (a notebook records several tables in one, told apart by ``task``)."""
+    if "status" in df:
+        df = df[df.status == "ok"]
+    rows = df[df.task == task] if "task" in df else df.iloc[:0]
+    if rows.empty:
+        raise NoRows(f"no rows of task {task!r}")
+    return rows
+
+
+def _ints(text) -> list[int]:
+    return [int(v) for v in str(text).split()] if isinstance(text, str) and text else []
+
+
+def _test_image(row):
+    """The shapes test image a row was drawn on, regenerated from its seed and index."""
+    return shapes(n=int(row.example) + 1, seed=int(row.seed), split="test")[int(row.example)]
 
 
 def baseline_random_accuracy(df: pd.DataFrame):
@@ -33,13 +59,10 @@ def baseline_random_accuracy(df: pd.DataFrame):
 _METRICS = ("accuracy", "tflops", "flops_ratio", "perplexity", "kv_bytes", "decode_ms", "prefill_ms", "method_ms")
 
 
-def _method_rows(df: pd.DataFrame, setting: str, task: str | None = None) -> tuple[pd.DataFrame, pd.Series | None]:
+def _method_rows(df: pd.DataFrame, setting: str, task: str) -> tuple[pd.DataFrame, pd.Series | None]:
     """Rows of a method x ``setting`` grid table (mean over repeated runs) and the unmodified
-    model's row (method ``none``), from ``mmlab.method_grid`` / ``perplexity_grid`` tables."""
-    if "status" in df:
-        df = df[df.status == "ok"]
-    if task is not None:
-        df = df[df.task == task]
+    model's row (method ``none``), from ``mmlab.grid`` tables."""
+    df = task_rows(df, task)
     metrics = [c for c in df.columns if c in _METRICS or c.startswith("acc_")]
     g = df.groupby(["method", setting], as_index=False)[metrics].mean()
     ref = g[g.method == "none"]
@@ -66,7 +89,7 @@ def pruning_accuracy(df: pd.DataFrame):
     """Accuracy vs % of visual tokens kept, one line per method; the unpruned model dashed."""
     import matplotlib.pyplot as plt
 
-    rows, dense = _method_rows(df, "keep_ratio")
+    rows, dense = _method_rows(df, "keep_ratio", "pruning")
     fig, ax = plt.subplots(figsize=(5, 3.4))
     _lines(ax, rows, "keep_ratio", "accuracy")
     if dense is not None:
@@ -85,7 +108,7 @@ def pruning_accuracy_vs_tflops(df: pd.DataFrame):
     """Accuracy vs analytic prefill TFLOPs of the language model (from the Traces' token counts)."""
     import matplotlib.pyplot as plt
 
-    rows, dense = _method_rows(df, "keep_ratio")
+    rows, dense = _method_rows(df, "keep_ratio", "pruning")
     fig, ax = plt.subplots(figsize=(5, 3.4))
     _lines(ax, rows, "tflops", "accuracy", x_scale=1e6)
     if dense is not None:
@@ -101,7 +124,7 @@ def pruning_per_type(df: pd.DataFrame):
     """One panel per question type: accuracy vs keep ratio for every method."""
     import matplotlib.pyplot as plt
 
-    rows, dense = _method_rows(df, "keep_ratio")
+    rows, dense = _method_rows(df, "keep_ratio", "pruning")
     types = sorted(c for c in rows.columns if c.startswith("acc_"))
     fig, axes = plt.subplots(1, len(types), figsize=(3 * len(types), 2.8), sharey=True, squeeze=False)
     for ax, col in zip(axes[0], types):
@@ -119,7 +142,7 @@ def pruning_per_type(df: pd.DataFrame):
 
 def pruning_table(df: pd.DataFrame) -> pd.DataFrame:
     """Accuracy (%) per method (rows) and keep ratio (columns), the unpruned model first."""
-    rows, dense = _method_rows(df, "keep_ratio")
+    rows, dense = _method_rows(df, "keep_ratio", "pruning")
     t = rows.pivot(index="method", columns="keep_ratio", values="accuracy") * 100
     t.columns = [f"{c:.0%}" for c in t.columns]
     if dense is not None:
@@ -181,9 +204,7 @@ def kv_cost(df: pd.DataFrame):
 
 
 def _quant_rows(df: pd.DataFrame, task: str) -> tuple[pd.DataFrame, pd.Series | None]:
-    if "status" in df:
-        df = df[df.status == "ok"]
-    df = df[df.task == task]
+    df = task_rows(df, task)
     if "error" in df:
         df = df[df.error.isna()]
     ref = df[df.method == "none"]
@@ -229,6 +250,141 @@ def quant_kv(df: pd.DataFrame):
     return fig
 
 
+# --- the notebooks' own figures, from the tables they record ---------------------------------------
+def fastv_attention_share(df: pd.DataFrame):
+    """FastV's observation: the share of the last prompt token's attention on image vs text tokens,
+    per layer (left) and per token (right); mean over the recorded samples."""
+    import matplotlib.pyplot as plt
+
+    rows = task_rows(df, "attention_share")
+    share = rows.groupby("layer")[["image_share", "text_share", "image_per_token", "text_per_token",
+                                   "image_tokens", "text_tokens", "samples"]].mean()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    share[["image_share", "text_share"]].plot(ax=axes[0], marker="o")
+    axes[0].set_ylabel("share of last-token attention")
+    share[["image_per_token", "text_per_token"]].plot(ax=axes[1], marker="o", logy=True)
+    axes[1].set_ylabel("attention per token")
+    for ax in axes:
+        ax.set_xlabel("decoder layer")
+        ax.set_xticks(share.index)
+    fig.suptitle(f"{rows.model.iloc[0]}: {int(share.image_tokens.iloc[0])} image vs {int(share.text_tokens.iloc[0])} "
+                 f"text tokens ({int(share.samples.iloc[0])} samples)")
+    fig.tight_layout()
+    return fig
+
+
+def kept_tokens(df: pd.DataFrame):
+    """What each method keeps of one test image: the visual tokens entering the first layer (top;
+    colours = merge groups, representatives outlined) and those still present in the last (bottom)."""
+    import matplotlib.pyplot as plt
+
+    rows = task_rows(df, "kept_tokens")
+    sample = _test_image(rows.iloc[0])
+    configs, layers = list(dict.fromkeys(rows.config)), sorted(rows.layer.unique())
+    fig, axes = plt.subplots(len(layers), len(configs), figsize=(2.6 * len(configs) + 1, 2.8 * len(layers)),
+                             squeeze=False)
+    for j, name in enumerate(configs):
+        for i, layer in enumerate(layers):
+            r = rows[(rows.config == name) & (rows.layer == layer)].iloc[0]
+            grid = tuple(int(v) for v in r.grid.split("x"))
+            ax = axes[i, j]
+            if i == 0 and _ints(r.groups):
+                viz.draw_groups(sample.image, np.array(_ints(r.groups)), _ints(r.reps), grid, ax, f"{name}: {r.present} in")
+            elif i == 0:
+                viz.draw_status(sample.image, np.array(_ints(r.tokens)), grid, ax, f"{name}: {r.present} in")
+            else:
+                viz.draw_status(sample.image, np.array(_ints(r.tokens)), grid, ax,
+                                f"layer {layer}: {r.present} left -> {r.answer!r}")
+    fig.suptitle(f"{sample.question}  (truth: {sample.answer}; keep {rows.picture_keep.iloc[0]:.0%})")
+    fig.tight_layout()
+    return fig
+
+
+def adjacent_key_similarity(df: pd.DataFrame):
+    """KVMerger's observation: cosine similarity of each cached key with the previous token's key
+    (mean over KV heads), per layer along one context, and the share above its threshold."""
+    import matplotlib.pyplot as plt
+
+    rows = task_rows(df, "key_similarity").drop_duplicates(["model", "layer"])
+    models = list(dict.fromkeys(rows.model))
+    maps = {m: np.array([[float(v) for v in r.split()] for r in rows[rows.model == m].sort_values("layer").similarity])
+            for m in models}
+    threshold = float(rows.threshold.iloc[0])
+    fig, axes = plt.subplots(1, len(models), figsize=(11, 3.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(1, m.shape[1] // 200) for m in maps.values()]})
+    for ax, (name, sim) in zip(axes[0], maps.items()):
+        im = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.grid(False)
+        ax.set_yticks(range(0, sim.shape[0], max(1, sim.shape[0] // 6)))
+        ax.set_xlabel("token position")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{name}: {(sim > threshold).mean():.0%} of adjacent pairs > {threshold}", fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02, label="cosine similarity")
+    return fig
+
+
+def arank_layers(df: pd.DataFrame):
+    """gamma-MoD's ARank per layer (red: the layers chosen as MoD layers), per model."""
+    import matplotlib.pyplot as plt
+
+    rows = task_rows(df, "arank").drop_duplicates(["model", "layer"])
+    models = list(dict.fromkeys(rows.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        r = rows[rows.model == name].sort_values("layer")
+        ax.bar(r.layer, r.arank, color=["C3" if c else "C0" for c in r.chosen.astype(bool)])
+        ax.set_title(f"{name}: ARank ({int(r.samples.iloc[0])} prompts; red = chosen)", fontsize=8)
+        ax.set_xlabel("layer")
+    axes[0][0].set_ylabel("mean rank of attention map")
+    fig.tight_layout()
+    return fig
+
+
+def mod_accuracy(df: pd.DataFrame):
+    """Accuracy vs LLM prefill TFLOPs and KV bytes (% of dense) of each MoD configuration; the
+    constant-ratio configurations as a curve."""
+    import matplotlib.pyplot as plt
+
+    rows = task_rows(df, "configs")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    const = rows[rows.config.str.startswith("constant ") & ~rows.config.str.contains("matched")]
+    for ax, x, label in [(axes[0], "tflops_pct", "LLM prefill TFLOPs (% of dense)"),
+                         (axes[1], "kv_pct", "KV bytes (% of dense)")]:
+        ax.plot(const[x], const.accuracy * 100, marker="o", color="0.6", label="constant ratio (curve)")
+        for _, r in rows[~rows.index.isin(const.index)].iterrows():
+            ax.plot(r[x], r.accuracy * 100, marker="*" if "trained" in r.config else "o", ms=10, ls="", label=r.config)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("accuracy (%)")
+    axes[1].legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"{rows.model.iloc[0]}: MoD schedules at mean retention {rows.target_retention.iloc[0]:.3f} "
+                 f"({int(rows.n.iloc[0])} samples)")
+    fig.tight_layout()
+    return fig
+
+
+def routed_tokens(df: pd.DataFrame):
+    """The schedule as executed on one test image: visual tokens per layer, and which were routed."""
+    import matplotlib.pyplot as plt
+
+    rows = task_rows(df, "routed")
+    sample = _test_image(rows.iloc[0])
+    configs, layers = list(dict.fromkeys(rows.config)), sorted(rows.layer.unique())
+    fig, axes = plt.subplots(len(configs), len(layers) + 1, figsize=(2.4 * (len(layers) + 1), 2.5 * len(configs)),
+                             squeeze=False)
+    for row, name in zip(axes, configs):
+        r = rows[rows.config == name].sort_values("layer")
+        row[0].plot(r.layer, r.present, marker="o")
+        row[0].set_title(name, fontsize=8)
+        row[0].set_xlabel("layer")
+        row[0].set_ylim(0, len(_ints(r.tokens.iloc[0])) + 5)
+        for ax, (_, lr) in zip(row[1:], r.iterrows()):
+            viz.draw_status(sample.image, np.array(_ints(lr.tokens)), tuple(int(v) for v in lr.grid.split("x")), ax,
+                            f"layer {lr.layer}: {lr.present} routed")
+    fig.suptitle(f"{sample.question} (truth {sample.answer})")
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {
     "baseline_random_accuracy": ("baseline_random", baseline_random_accuracy),
     "token_pruning_accuracy": ("token_pruning", pruning_accuracy),
@@ -240,6 +396,12 @@ FIGURES = {
     "kv_cost": ("kv_cache", kv_cost),
     "quant_perplexity": ("quantization", quant_perplexity),
     "quant_kv": ("quantization", quant_kv),
+    "01_fastv_attention_share": ("token_pruning", fastv_attention_share),
+    "01_kept_tokens": ("token_pruning", kept_tokens),
+    "02_adjacent_key_similarity": ("kv_cache", adjacent_key_similarity),
+    "03_arank": ("mod_ratios", arank_layers),
+    "03_mod_accuracy": ("mod_ratios", mod_accuracy),
+    "03_routed_tokens": ("mod_ratios", routed_tokens),
 }
 
 
@@ -255,20 +417,30 @@ def build_figures(runs_root: str | Path = "runs", out: str | Path | None = None)
             print(f"skip {name}: no {table} (run `mmlab sweep sweeps/{sweep}.yaml` and `mmlab collect`)")
             continue
         df = pd.read_csv(table)
-        fig = draw(df)
+        try:
+            fig = draw(df)
+        except NoRows as e:
+            print(f"skip {name}: {table} has {e} (re-run `mmlab sweep sweeps/{sweep}.yaml`)")
+            continue
         params = {"table": str(table), "rows": len(df)}
         written += figures.save(fig, name, params=params, sweep=sweep, runs=df.run_id.tolist(), directory=out)
         plt.close(fig)
     return written
 
 
+DRAWING_TASKS = ("kept_tokens", "key_similarity", "routed")  # rows that hold maps for figures, not results
+
+
 def write_tables(runs_root: str | Path = "runs", out: str | Path = "papers/results") -> list[Path]:
-    """Each collected sweep table as Markdown under ``papers/results/`` (metrics rounded)."""
+    """Each collected sweep table as Markdown under ``papers/results/`` (metrics rounded; the rows
+    that only hold token maps for figures left out)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for table in sorted(Path(runs_root).glob("*/results.csv")):
         df = pd.read_csv(table).drop(columns=["git_commit", "error"], errors="ignore")
+        if "task" in df:
+            df = df[~df.task.isin(DRAWING_TASKS)].dropna(axis=1, how="all")
         p = out / f"{table.parent.name}.md"
         p.write_text(f"# {table.parent.name}\n\nFrom `{table}` ({len(df)} runs).\n\n"
                      + df.to_markdown(index=False, floatfmt=".4g") + "\n")

@@ -1,9 +1,10 @@
 """Drawings and widgets, read from a Trace (nothing here recomputes what the Trace holds).
 
-- ``draw_tokens``: the image with kept / pruned / merged visual tokens of one layer.
+- ``draw_tokens`` / ``draw_status``: the image with kept / pruned / merged visual tokens of one layer.
+- ``token_table``: the same as rows, for sweeps to record and ``mmlab figures`` to redraw.
 - ``draw_attention``: one layer's (and head's) attention from the last prompt token over
   the image tokens, on the image grid.
-- ``draw_merges``: the image coloured by merge group (pool, AIM), survivors outlined.
+- ``draw_merges`` / ``draw_groups``: the image coloured by merge group (pool, AIM), survivors outlined.
 - ``key_similarity_map``: adjacent-key cosine similarity along the sequence, per layer (KVMerger).
 - ``attention_share``: per layer, the share of the last prompt token's attention that
   image / text tokens receive (FastV's observation).
@@ -16,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmlab.evaluate import keep_param
+from mmlab.evaluate import run
+from mmlab.methods.base import available, get, knob
 from mmlab.trace import Trace
 
 
@@ -43,56 +45,91 @@ def token_status(trace: Trace, layer: int = 0, image: int = 0) -> np.ndarray:
     return status
 
 
-def draw_tokens(trace: Trace, image, ax=None, layer: int = 0, image_index: int = 0, title: str | None = None):
-    """The image with removed tokens shaded dark and merged ones hatched."""
+def draw_status(image, status: np.ndarray, grid: tuple[int, int] | None, ax=None, title: str | None = None):
+    """The image with the tokens of ``status`` (grid order; 1 present, 0 removed, 2 merged) drawn:
+    removed shaded dark, merged hatched."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
     ax = ax or plt.gca()
     ax.imshow(image)
-    if trace.image_grid is None:
+    if grid is None:
         ax.set_title(title or "(no 2-D token grid for this model)")
         ax.axis("off")
         return ax
-    rows, cols = trace.image_grid
+    rows, cols = grid
     h, w = np.asarray(image).shape[:2]
     ph, pw = h / rows, w / cols
-    status = token_status(trace, layer, image_index)
     for k, st in enumerate(status):
         r, c = divmod(k, cols)
         if st == 0:
             ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, color="black", alpha=0.65, lw=0))
         elif st == 2:
             ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, hatch="///", edgecolor="white", lw=0))
-    kept = int((status == 1).sum())
-    ax.set_title(title or f"layer {layer}: {kept}/{len(status)} visual tokens")
+    ax.set_title(title or f"{int((status == 1).sum())}/{len(status)} visual tokens")
     ax.axis("off")
     return ax
+
+
+def draw_groups(image, groups: np.ndarray, reps: list[int], grid: tuple[int, int], ax=None, title: str | None = None):
+    """Each visual token coloured by the merged token (``groups``, grid order) it went into; the
+    representatives ``reps`` outlined."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    ax = ax or plt.gca()
+    rows, cols = grid
+    h, w = np.asarray(image).shape[:2]
+    colours = np.random.default_rng(0).permutation(int(groups.max()) + 1)  # neighbours get distant hues
+    ax.imshow(image)
+    ax.imshow(colours[groups].reshape(rows, cols), cmap="tab20", alpha=0.45, extent=(0, w, h, 0),
+              interpolation="nearest")
+    ph, pw = h / rows, w / cols
+    for k in reps:
+        r, c = divmod(k, cols)
+        ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="white", lw=0.8))
+    ax.set_title(title or f"{int(groups.max()) + 1} merged tokens from {len(groups)}")
+    ax.axis("off")
+    return ax
+
+
+def draw_tokens(trace: Trace, image, ax=None, layer: int = 0, image_index: int = 0, title: str | None = None):
+    """The image with the tokens removed before ``layer`` shaded dark and merged ones hatched."""
+    status = token_status(trace, layer, image_index) if trace.image_grid is not None else np.zeros(0)
+    return draw_status(image, status, trace.image_grid, ax,
+                       title or f"layer {layer}: {int((status == 1).sum())}/{len(status)} visual tokens")
 
 
 def draw_merges(trace: Trace, image, ax=None, image_index: int = 0, title: str | None = None):
     """Each visual token coloured by the merged token it went into; representatives outlined.
     Falls back to ``draw_tokens`` for a method that only selected."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
     merged = trace.image_merged_into.get(image_index)
     if merged is None or trace.image_grid is None:
         return draw_tokens(trace, image, ax, image_index=image_index, title=title)
-    ax = ax or plt.gca()
-    rows, cols = trace.image_grid
-    h, w = np.asarray(image).shape[:2]
-    colours = np.random.default_rng(0).permutation(int(merged.max()) + 1)  # neighbours get distant hues
-    groups = colours[merged.numpy()].reshape(rows, cols)
-    ax.imshow(image)
-    ax.imshow(groups, cmap="tab20", alpha=0.45, extent=(0, w, h, 0), interpolation="nearest")
-    ph, pw = h / rows, w / cols
-    for k in trace.image_kept[image_index].tolist():
-        r, c = divmod(k, cols)
-        ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, edgecolor="white", lw=0.8))
-    ax.set_title(title or f"{int(merged.max()) + 1} merged tokens from {merged.numel()}")
-    ax.axis("off")
-    return ax
+    return draw_groups(image, merged.numpy(), trace.image_kept[image_index].tolist(), trace.image_grid, ax, title)
+
+
+def _ints(values) -> str:
+    return " ".join(str(int(v)) for v in values)
+
+
+def token_table(traces: dict[str, Trace], layers: list[int], image: int = 0):
+    """What ``draw_tokens`` / ``draw_merges`` show, as rows a sweep can record and ``mmlab figures``
+    can redraw: per (run label, layer) the status of each visual token (``tokens``: 1 present, 0 removed,
+    2 merged, space-separated in grid order), merge groups and representatives."""
+    import pandas as pd
+
+    rows = []
+    for label, tr in traces.items():
+        merged = tr.image_merged_into.get(image)
+        for layer in layers:
+            st = token_status(tr, layer, image)
+            rows.append({"config": label, "layer": layer, "tokens": _ints(st), "present": int((st == 1).sum()),
+                         "grid": "x".join(map(str, tr.image_grid)) if tr.image_grid else "",
+                         "groups": _ints(merged.tolist()) if merged is not None else "",
+                         "reps": _ints(tr.image_kept[image].tolist()) if merged is not None else "",
+                         "answer": tr.answer})
+    return pd.DataFrame(rows)
 
 
 def attention_share(trace: Trace):
@@ -117,6 +154,17 @@ def key_similarity_map(cache) -> np.ndarray:
     from mmlab.methods.kv_cache import adjacent_key_similarity
 
     return np.stack([adjacent_key_similarity(k[0]).mean(0).cpu().numpy() for k in cache.keys])
+
+
+def key_similarity_table(cache, label: str, threshold: float):
+    """``key_similarity_map`` as rows, one per layer: the similarities (a space-separated string) and
+    the share of adjacent pairs above ``threshold`` (KVMerger's merging threshold)."""
+    import pandas as pd
+
+    sim = key_similarity_map(cache)
+    return pd.DataFrame([{"model": label, "layer": i, "similarity": " ".join(f"{v:.4f}" for v in row),
+                          "threshold": threshold, "above_threshold": float((row > threshold).mean())}
+                         for i, row in enumerate(sim)])
 
 
 def attention_grid(trace: Trace, layer: int, head: int | None = None, image_index: int = 0) -> np.ndarray:
@@ -185,22 +233,18 @@ class Explorer:
     """
 
     def __init__(self, bundle, samples, methods: list[str] | None = None):
-        import mmlab
-
         self.bundle, self.samples = bundle, samples
         self.layers = list(range(bundle.n_layers))
-        names = methods or [m for m in mmlab.methods.available() if mmlab.methods.get(m).needs_image]
+        names = methods or [m for m in available() if get(m).needs_image]
         self.method_names = ["none", *names]
         self._cache: dict = {}
         self.runs = 0  # engine runs performed (the cache's effect is visible here)
 
     def trace(self, index: int, method: str, keep_ratio: float) -> Trace:
-        import mmlab
-
         key = (index, method, None if method == "none" else keep_ratio)
         if key not in self._cache:
-            methods = [] if method == "none" else [mmlab.methods.get(method, **{keep_param(method): keep_ratio})]
-            self._cache[key] = mmlab.run(self.bundle, self.samples[index], methods, attention_layers=self.layers)
+            methods = [] if method == "none" else [get(method, **{knob(method): keep_ratio})]
+            self._cache[key] = run(self.bundle, self.samples[index], methods, attention_layers=self.layers)
             self.runs += 1
         return self._cache[key]
 

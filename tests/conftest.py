@@ -38,6 +38,6 @@ def eager_tiny():
     independent reference for every score the engine recomputes beside SDPA."""
     from transformers import LlavaForConditionalGeneration
 
-    from mmlab.tiny.model import CHECKPOINT_DIR
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR
 
     return LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava", attn_implementation="eager").eval()

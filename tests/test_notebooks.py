@@ -1,13 +1,22 @@
-"""Every notebook: committed clean, has seed + n_samples parameters, executes with small parameters."""
+"""Every notebook: committed clean, has seed + n_samples parameters, executes with small parameters,
+records the metrics and tables its sweep collects, and those tables redraw its report figures."""
 
 import json
 import os
 from pathlib import Path
 
-import papermill
-import pytest
+import matplotlib
 
-from mmlab.batch import KERNEL, kernel_dir, notebook_parameters
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import papermill  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from mmlab import report  # noqa: E402
+from mmlab.batch import KERNEL, kernel_dir, notebook_parameters  # noqa: E402
+from mmlab.recording import ROWS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -21,6 +30,26 @@ SMALLER = {"02_kv_merging.ipynb": {"needle_lengths": [256], "needle_depths": [0.
                                      "calib_samples": 2, "windows": 1, "tiny_bits": [4], "kv_bits": [4],
                                      "kv_window": 512, "kv_context": 384, "kv_windows": 1,
                                      "torchao_check": False}}
+
+
+# what each notebook hands to its sweep: scalar metrics, and the tasks of its recorded table
+RECORDS = {"00_baseline.ipynb": ({"accuracy", "tflops", "kv_bytes", "acc_color", "acc_count"}, set()),
+           "01_token_pruning.ipynb": ({"dense_accuracy", "image_attention_share_l0", "image_attention_share_l3"},
+                                      {"pruning", "attention_share", "kept_tokens"}),
+           "02_kv_merging.ipynb": ({"adjacent_above_threshold_text", "adjacent_above_threshold_images"},
+                                   {"perplexity", "needle", "multi_image", "lookm_multi_image", "lookm_needle",
+                                    "key_similarity"}),
+           "03_mod_ratios.ipynb": ({"arank_chosen", "target_retention", "dense_accuracy", "arank_l0"},
+                                   {"arank", "configs", "routed"}),
+           "04_quantization.ipynb": (set(), {"weights", "weights_activations", "tiny_llava", "kv_cache"}),
+           "05_explorer.ipynb": (set(), set())}
+
+
+def _sweep_of(nb: Path) -> str | None:
+    for y in sorted((ROOT / "sweeps").glob("*.yaml")):
+        if Path(yaml.safe_load(y.read_text())["notebook"]).name == nb.name:
+            return y.stem
+    return None
 
 
 def test_there_are_notebooks():
@@ -42,6 +71,14 @@ def test_notebook_executes(nb, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir()) + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
     monkeypatch.setenv("MMLAB_RECORD_PATH", str(tmp_path / "metrics.json"))
     out = tmp_path / nb.name
-    papermill.execute_notebook(str(nb), str(out), parameters={**SMALL, **SMALLER.get(nb.name, {})}, kernel_name=KERNEL, cwd=str(nb.parent),
-                               progress_bar=False)
-    assert out.exists()
+    papermill.execute_notebook(str(nb), str(out), parameters={**SMALL, **SMALLER.get(nb.name, {})}, kernel_name=KERNEL,
+                               cwd=str(nb.parent), progress_bar=False)
+    recorded = json.loads((tmp_path / "metrics.json").read_text()) if (tmp_path / "metrics.json").exists() else {}
+    metrics, tasks = RECORDS[nb.name]
+    assert metrics <= set(recorded), f"{nb.name} did not record {sorted(metrics - set(recorded))}"
+    rows = pd.DataFrame(recorded.get(ROWS, []))
+    assert tasks == set(rows.get("task", pd.Series(dtype=str)).dropna()), f"{nb.name} recorded tasks {set(rows.get('task', []))}"
+    # `mmlab figures` redraws this sweep's report figures from exactly such a table
+    for name, (sweep, draw) in report.FIGURES.items():
+        if sweep == _sweep_of(nb) and not rows.empty:
+            plt.close(draw(rows.assign(status="ok")))

@@ -45,7 +45,7 @@ def test_divprune_matches_the_papers_greedy_loop():
 def test_divprune_is_more_diverse_than_random(tiny, test_samples):
     """The Max-Min objective it optimises: the minimum pairwise distance of the kept set."""
     with torch.no_grad():
-        f = tiny.image_features(tiny.encode(test_samples[0]))[0].float()
+        f = tiny.adapter.image_features(tiny.encode(test_samples[0]))[0].float()
     d = 1 - F.normalize(f, dim=-1) @ F.normalize(f, dim=-1).T
 
     def min_dist(idx):
@@ -107,7 +107,7 @@ def test_decoding_after_in_llm_pruning_continues_positions(tiny, test_samples):
 
 def test_pool_equals_average_pooling(tiny, test_samples):
     with torch.no_grad():
-        f = tiny.image_features(tiny.encode(test_samples[0]))[0]
+        f = tiny.adapter.image_features(tiny.encode(test_samples[0]))[0]
     pre = mmlab.engine.prefill(tiny, test_samples[0], [get("pool", keep_ratio=0.25), _Probe()])
     tr = pre.trace
     assert tr.image_tokens_per_layer()[0] == 36  # 12x12 -> 6x6, windows of 2x2

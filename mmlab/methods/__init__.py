@@ -1,6 +1,7 @@
-"""Registered methods. ``available()`` lists names; ``get(name, **params)`` builds one."""
+"""Registered methods. ``available()`` lists names; ``get(name, **params)`` builds one; ``knob(name)``
+is the parameter a sweep varies."""
 
 from mmlab.methods import kv_cache, mod, quant, token_pruning  # noqa: F401  (register their methods)
-from mmlab.methods.base import Method, MethodError, available, get, register
+from mmlab.methods.base import Method, MethodError, available, get, knob, method_class, register
 
-__all__ = ["Method", "MethodError", "available", "get", "register"]
+__all__ = ["Method", "MethodError", "available", "get", "knob", "method_class", "register"]

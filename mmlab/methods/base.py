@@ -1,51 +1,49 @@
-"""The method interface: four named stages the engine calls, and a registry by name.
+"""The method interface: the stages the engine and the weight swap call, typed, and a registry by name.
 
-A method is a dataclass whose fields are its paper's hyper-parameters (with the
-paper's defaults). It overrides only the stages it acts at; the base class's stages do
-nothing. Per-run state lives in ``ctx.scratch``, never on the method object, so one
-method instance can be reused across runs.
+A method is a dataclass whose fields are its paper's hyper-parameters (with the paper's
+defaults). It overrides only the stages it acts at; the base class's stages do nothing.
+Per-run state lives in ``ctx.scratch``, never on the method object, so one method instance
+can be reused across runs. Methods import only this module and torch; they never import
+the engine, the adapters or the models.
 
-Stages, in the order the engine calls them (see ``mmlab/engine.py``):
+Stages, in the order they are called:
 
+``quantize_weights(wctx: WeightContext)``  (class flag ``quantizes_weights``)
+    Once per (model, method), before any prefill, by the weight swap (``mmlab/quantize.py``):
+    write quantized weights with ``wctx.set``; they are cached and swapped in for every run
+    that lists the method. ``quantize_activation(x)`` (optional) is then applied to the
+    input of every quantized linear.
 ``image_features(ctx, feats) -> feats``
     ``feats`` is a list with one ``(n_i, d)`` tensor of projected image features per
     image. Return the features to place in the prompt (fewer rows = pruned / merged).
     Record choices with ``ctx.record_image_selection(image, kept, merged_into=None)``.
 ``before_layer(ctx, layer, tokens)``
-    Called before every decoder layer of the prefill. ``tokens`` is the live sequence
-    (``tokens.hidden``, ``.positions``, ``.source``, ``.is_image``); call
-    ``tokens.keep(indices)`` to physically drop the others from this layer on, or
-    ``tokens.route(indices, weights=None)`` (Mixture-of-Depths) to let only those through
-    this one layer while the others ride the residual stream to the next.
-    ``ctx.attention(layer - 1, queries)`` gives attention probabilities of the previous
-    layer (computed on demand for those queries only; the model stays on SDPA).
+    Called before every decoder layer of the prefill. ``tokens`` is the live sequence;
+    ``tokens.keep(indices)`` physically drops the others from this layer on,
+    ``tokens.route(indices, weights=None)`` (Mixture-of-Depths) lets only those through this
+    one layer while the others ride the residual stream. ``ctx.attention(layer - 1, queries)``
+    gives attention probabilities of the previous layer (recomputed by the model's adapter for
+    those queries only; the model stays on SDPA).
 ``after_prefill(ctx, cache)``
     Evict / merge / quantize the per-layer KV cache (``cache.keys[i]``, ``cache.values[i]``,
-    shape ``(1, kv_heads, len_i, head_dim)``; lengths may differ per layer). A method with
-    the class flag ``prefill_attention = True`` may call ``ctx.attention(layer)`` for every
-    layer here.
+    shape ``(1, kv_heads, len_i, head_dim)``; lengths may differ per layer). With the class
+    flag ``prefill_attention`` the method may call ``ctx.attention(layer)`` for every layer.
 ``decode_step(ctx, step, cache)``
     Called before each generated token is processed.
 
-Weight quantization (``mmlab.methods.quant``) has one more stage, ``quantize_weights(wctx)``,
-run once per (model, method) before any prefill: the engine caches its de-quantized
-weights and swaps them in for every run that lists the method (``mmlab/quantize.py``).
-
-``ctx`` offers: ``n_layers``, ``config`` (the text config), ``n_image_tokens`` (after
-image-feature methods), ``image_grid`` ((rows, cols) of one image's tokens, or None),
-``extras`` (what the checkpoint carries besides weights, e.g. trained MoD routers),
-``trace``, ``scratch`` (dict), ``attention(layer, queries)`` and ``attention_logits``
-(pre-softmax, causal entries -inf).
+The cache's ``quantized[i]`` contract (class flag ``quantizes_cache``): a method may move the
+oldest tokens of layer i into a ``QuantizedPrefix`` that precedes ``keys[i]`` / ``values[i]``;
+the cache de-quantizes it whenever the layer reads, and counts only its packed bytes. Such a
+method must come after every other KV method of the run (the engine checks).
 
 Batch size is 1: the engine runs one sample at a time, so every method selects per
 sample (pruned sequences of different lengths are never padded into a batch).
-Methods import only this module and torch; they never import the engine or models.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -56,29 +54,128 @@ class MethodError(ValueError):
     """A method's parameters are invalid, or it cannot run on this model / input."""
 
 
+# --- what the stages receive ----------------------------------------------------------------
+class RunContext(Protocol):
+    """``ctx`` of the prefill / decode stages (``mmlab.engine.Context``)."""
+
+    model_name: str
+    config: Any  # the decoder's (text) config
+    n_layers: int
+    has_image: bool
+    trace: Any  # the run's mmlab.Trace
+    sample_index: int
+    n_image_tokens: int  # visual tokens in the prompt after image_features
+    image_grid: tuple[int, int] | None  # (rows, cols) of one image's tokens, where they form a grid
+    extras: dict  # what the checkpoint carries besides weights (e.g. trained MoD routers)
+    scratch: dict  # per-run state of the methods
+
+    def record_image_selection(self, image: int, kept: torch.Tensor,
+                               merged_into: torch.Tensor | None = None) -> None: ...
+
+    def cache_is_image(self, layer: int) -> torch.Tensor: ...
+
+    def attention_logits(self, layer: int, queries=None) -> torch.Tensor: ...  # (heads, q, k), masked -inf
+
+    def attention(self, layer: int, queries=None) -> torch.Tensor: ...  # softmax of attention_logits
+
+
+class LiveTokens(Protocol):
+    """``tokens`` of ``before_layer`` (``mmlab.engine.Tokens``)."""
+
+    hidden: torch.Tensor  # (1, n, d)
+    positions: torch.Tensor  # (1, n), or (3, 1, n) for M-RoPE
+    source: torch.Tensor  # (n,) index of each token in the assembled prompt
+    is_image: torch.Tensor  # (n,) bool
+
+    def __len__(self) -> int: ...
+
+    def keep(self, indices: torch.Tensor) -> None: ...
+
+    def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> None: ...
+
+
+class QuantizedPrefix(Protocol):
+    """One layer's quantized oldest tokens (see the ``quantized`` contract above)."""
+
+    length: int
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None: ...
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def nbytes(self) -> int: ...
+
+
+class Cache(Protocol):
+    """``cache`` of ``after_prefill`` / ``decode_step`` (``mmlab.engine.KVCache``)."""
+
+    keys: list[torch.Tensor | None]  # per layer (1, kv_heads, len_i, head_dim)
+    values: list[torch.Tensor | None]
+    quantized: list[QuantizedPrefix | None]
+
+    def lengths(self) -> list[int]: ...
+
+    def nbytes(self) -> int: ...
+
+
+class WeightContext(Protocol):
+    """``wctx`` of ``quantize_weights`` (``mmlab.quantize.WeightContext``)."""
+
+    model_name: str
+    linears: dict[str, torch.nn.Linear]  # the target linears, in execution order
+    blocks: list[list[str]]  # their names grouped by block (a decoder / encoder layer)
+
+    def calibration(self, n: int, length: int) -> list: ...
+
+    def hessians(self, names: list[str], calib) -> dict[str, torch.Tensor]: ...
+
+    def inputs(self, names: list[str], calib, max_tokens: int = 2048) -> dict[str, torch.Tensor]: ...
+
+    def gradients(self, calib) -> dict[str, torch.Tensor]: ...
+
+    def set(self, name: str, weight: torch.Tensor, storage_bits: float, outliers: int = 0) -> None: ...
+
+    def note(self, name: str, **info) -> None: ...
+
+
+# --- the base class ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class Method:
     name: ClassVar[str] = "method"
     family: ClassVar[str] = ""
+    knob: ClassVar[str | None] = None  # the parameter a sweep varies: keep_ratio / ratio / budget / bits
     needs_image: ClassVar[bool] = False  # True: raises on a text-only model / sample
     prefill_attention: ClassVar[bool] = False  # True: ctx.attention(any layer) works in after_prefill
+    quantizes_weights: ClassVar[bool] = False  # True: has quantize_weights, run once by the weight swap
+    quantizes_cache: ClassVar[bool] = False  # True: writes cache.quantized (must come last among KV methods)
 
-    def validate(self, ctx) -> None:
-        """Check the parameters against the model (depth, modality). Raise MethodError."""
+    def validate(self, ctx: RunContext | None) -> None:
+        """Check the parameters against the model (depth, modality). Raise MethodError.
+        Weight methods are validated with ``ctx=None`` before calibration."""
         if self.needs_image and not ctx.has_image:
             raise MethodError(f"{self.name} prunes visual tokens but this input has no image "
                               f"(model {ctx.model_name!r}); use it with a multimodal model and an image sample")
 
-    def image_features(self, ctx, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    def quantize_weights(self, wctx: WeightContext) -> None:
+        return None
+
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @classmethod
+    def quantizes_activations(cls) -> bool:
+        return cls.quantize_activation is not Method.quantize_activation
+
+    def image_features(self, ctx: RunContext, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         return feats
 
-    def before_layer(self, ctx, layer: int, tokens) -> None:
+    def before_layer(self, ctx: RunContext, layer: int, tokens: LiveTokens) -> None:
         return None
 
-    def after_prefill(self, ctx, cache) -> None:
+    def after_prefill(self, ctx: RunContext, cache: Cache) -> None:
         return None
 
-    def decode_step(self, ctx, step: int, cache) -> None:
+    def decode_step(self, ctx: RunContext, step: int, cache: Cache) -> None:
         return None
 
     def params(self) -> dict[str, Any]:
@@ -89,6 +186,7 @@ class Method:
         return f"{self.name}({args})"
 
 
+# --- the registry -----------------------------------------------------------------------------
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available to ``get(name)``."""
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
@@ -101,11 +199,15 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str, **params) -> Method:
-    """Build a registered method by name with its paper's defaults overridden by ``params``."""
+def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
         raise MethodError(f"unknown method {name!r}; available: {', '.join(available())}")
-    cls = _REGISTRY[name]
+    return _REGISTRY[name]
+
+
+def get(name: str, **params) -> Method:
+    """Build a registered method by name with its paper's defaults overridden by ``params``."""
+    cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(params) - fields
     if unknown:
@@ -113,6 +215,15 @@ def get(name: str, **params) -> Method:
     return cls(**params)
 
 
+def knob(name: str) -> str:
+    """The parameter that sets how much method ``name`` keeps (or its bits): what a sweep varies."""
+    k = method_class(name).knob
+    if k is None:
+        raise MethodError(f"method {name!r} has no keep_ratio / ratio / budget / bits parameter to sweep")
+    return k
+
+
+# --- shared parameter rules ---------------------------------------------------------------------
 def keep_count(n: int, keep_ratio: float) -> int:
     """Tokens kept out of ``n`` at ``keep_ratio`` (at least one)."""
     return max(1, min(n, int(round(n * keep_ratio))))

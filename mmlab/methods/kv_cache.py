@@ -49,18 +49,17 @@ def top_with_window(scores: torch.Tensor, n_keep: int, window: int) -> torch.Ten
     return torch.cat([top, recent], dim=-1).sort(dim=-1).values
 
 
+@dataclass
 class KVMethod(Method):
     """Shared loop of the family: per layer, ``compress`` returns the kept keys, values and indices."""
 
     family: ClassVar[str] = "kv_cache"
+    knob: ClassVar[str] = "budget"
     prefill_attention: ClassVar[bool] = True
+    budget: float | int = 0.5
 
     def validate(self, ctx) -> None:
         check_budget(self.name, self.budget)
-        ratio = getattr(self, "recent_ratio", 0.0)
-        if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1):
-            raise MethodError(f"{self.name}: recent_ratio must be in [0, 1) (share of the budget for the most "
-                              f"recent tokens), got {ratio!r}")
         super().validate(ctx)
 
     def protected(self, n_keep: int) -> int:
@@ -87,6 +86,28 @@ class KVMethod(Method):
         raise NotImplementedError
 
 
+@dataclass
+class HeavyHitterKV(KVMethod):
+    """H2O's keep set, shared by LOOK-M and KVMerger: per KV head, the ``recent_ratio`` share of the
+    budget as the most recent tokens, the rest by attention accumulated over all prompt queries."""
+
+    recent_ratio: float = 0.5
+
+    def validate(self, ctx) -> None:
+        r = self.recent_ratio
+        if not (isinstance(r, (int, float)) and 0 <= r < 1):
+            raise MethodError(f"{self.name}: recent_ratio must be in [0, 1) (share of the budget for the most "
+                              f"recent tokens), got {r!r}")
+        super().validate(ctx)
+
+    def scores(self, ctx, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """(kv heads, n): the attention each cached token received, summed over the prompt's queries."""
+        return accumulated_attention(ctx, layer, keys.shape[1])
+
+    def keep_set(self, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+        return top_with_window(scores, n_keep, int(n_keep * self.recent_ratio))
+
+
 @register
 @dataclass
 class StreamingLLM(KVMethod):
@@ -97,7 +118,6 @@ class StreamingLLM(KVMethod):
 
     name = "streamingllm"
     prefill_attention = False
-    budget: float | int = 0.5
     sinks: int = 4
 
     def protected(self, n_keep):
@@ -112,7 +132,7 @@ class StreamingLLM(KVMethod):
 
 @register
 @dataclass
-class H2O(KVMethod):
+class H2O(HeavyHitterKV):
     """H2O (Zhang et al., NeurIPS 2023): heavy hitters + recent tokens.
 
     Rule: per KV head, keep the ``recent_ratio`` share of the budget as the most recent tokens and
@@ -120,12 +140,9 @@ class H2O(KVMethod):
     """
 
     name = "h2o"
-    budget: float | int = 0.5
-    recent_ratio: float = 0.5
 
     def compress(self, ctx, layer, keys, values, n_keep):
-        scores = accumulated_attention(ctx, layer, keys.shape[1])
-        idx = top_with_window(scores, n_keep, int(n_keep * self.recent_ratio))
+        idx = self.keep_set(self.scores(ctx, layer, keys), n_keep)
         return gather_tokens(keys, idx), gather_tokens(values, idx), idx
 
 
@@ -140,7 +157,6 @@ class SnapKV(KVMethod):
     """
 
     name = "snapkv"
-    budget: float | int = 0.5
     window: int = 64
     kernel: int = 5
 
@@ -209,7 +225,7 @@ def merge_into_kept(keys, values, kept, merge: str):
 
 @register
 @dataclass
-class LookM(KVMethod):
+class LookM(HeavyHitterKV):
     """LOOK-M (Wan et al., EMNLP Findings 2024): look-once KV optimisation for multimodal long context.
 
     Rule: text-prior eviction: the recent window (``recent_ratio`` of the budget) and the text
@@ -220,7 +236,6 @@ class LookM(KVMethod):
 
     name = "lookm"
     budget: float | int = 0.2
-    recent_ratio: float = 0.5
     merge: str = "average"
     text_prior: bool = True
 
@@ -230,10 +245,10 @@ class LookM(KVMethod):
         super().validate(ctx)
 
     def compress(self, ctx, layer, keys, values, n_keep):
-        scores = accumulated_attention(ctx, layer, keys.shape[1])
+        scores = self.scores(ctx, layer, keys)
         if self.text_prior:  # text outranks every image token; images compete among themselves
             scores = scores - ctx.cache_is_image(layer).to(scores.dtype) * (scores.max() + 1)
-        kept = top_with_window(scores, n_keep, int(n_keep * self.recent_ratio))
+        kept = self.keep_set(scores, n_keep)
         k, v = merge_into_kept(keys, values, kept, self.merge)
         return k, v, kept
 
@@ -281,7 +296,7 @@ def gaussian_merge(k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, kept: 
 
 @register
 @dataclass
-class KVMerger(KVMethod):
+class KVMerger(HeavyHitterKV):
     """KVMerger (Wang et al., 2024): adaptive KV merging from adjacent-key similarity.
 
     Rule: per KV head, merging sets are runs of adjacent tokens whose keys have cosine
@@ -292,9 +307,7 @@ class KVMerger(KVMethod):
     """
 
     name = "kvmerger"
-    budget: float | int = 0.5
     threshold: float = 0.75
-    recent_ratio: float = 0.5
 
     def validate(self, ctx):
         if not -1 <= self.threshold <= 1:
@@ -302,8 +315,8 @@ class KVMerger(KVMethod):
         super().validate(ctx)
 
     def compress(self, ctx, layer, keys, values, n_keep):
-        scores = accumulated_attention(ctx, layer, keys.shape[1])
-        kept = top_with_window(scores, n_keep, int(n_keep * self.recent_ratio))
+        scores = self.scores(ctx, layer, keys)
+        kept = self.keep_set(scores, n_keep)
         sets = merging_sets(keys[0], self.threshold)
         k, v, merged = keys[0].float().clone(), values[0].float().clone(), 0
         for h in range(keys.shape[1]):

@@ -33,6 +33,12 @@ def attention_rank(probs: torch.Tensor) -> float:
     return float(torch.linalg.matrix_rank(a).float().mean())
 
 
+def arank_layers(ranks: list[float], k: int) -> list[int]:
+    """gamma-MoD's layer choice: the ``k`` layers of lowest ARank, in order; layer 0 stays dense
+    (nothing before it to route by)."""
+    return sorted(sorted(range(1, len(ranks)), key=lambda i: ranks[i])[:k])
+
+
 @register
 @dataclass
 class MoD(Method):
@@ -50,6 +56,7 @@ class MoD(Method):
 
     name = "mod"
     family = "mod"
+    knob = "ratio"
     needs_image = True
     schedule: str = "prd"
     ratio: float = 0.5
@@ -118,6 +125,34 @@ def mean_retention(ratios: list[float]) -> float:
     return sum(ratios) / len(ratios)
 
 
+TANH_ALPHA = 0.2
+
+
+class Routers(torch.nn.Module):
+    """One zero-initialised Linear(hidden, 1) per routed layer (``shared``: one for all of them)."""
+
+    def __init__(self, hidden: int, ratios: list[float], shared: bool = False):
+        super().__init__()
+        self.ratios = list(ratios)
+        routed = [i for i, r in enumerate(ratios) if r < 1]
+        n = 1 if shared else len(routed)
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(hidden, 1) for _ in range(n))
+        for lin in self.linears:
+            torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+        self.index = {layer: 0 if shared else k for k, layer in enumerate(routed)}
+
+    def score(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.linears[self.index[layer]](x).squeeze(-1)
+
+    @staticmethod
+    def weight(score: torch.Tensor) -> torch.Tensor:
+        return TANH_ALPHA * torch.tanh(score) + 1  # TanhNorm
+
+    def config(self) -> dict:
+        return {"ratios": self.ratios, "shared": len(self.linears) == 1 and len(self.index) > 1,
+                "tanh_alpha": TANH_ALPHA}
+
+
 @register
 @dataclass
 class TrainedMoD(Method):
@@ -132,6 +167,7 @@ class TrainedMoD(Method):
 
     name = "mod_trained"
     family = "mod"
+    knob = "ratio"
     needs_image = True
     ratio: float | None = None  # None: the trained schedule; a number: that ratio in every routed layer
 

@@ -173,12 +173,17 @@ def _quantize_stats(stat: torch.Tensor, stat_bits: int) -> torch.Tensor:
 
 
 # --- the method classes -------------------------------------------------------------------
+@dataclass
 class WeightQuant(Method):
-    """Shared parts of the weight quantizers: target choice, bit and group checks."""
+    """Shared parts of the weight quantizers: bits, group size, symmetry, which linears; their checks."""
 
     family: ClassVar[str] = "quantization"
+    knob: ClassVar[str] = "bits"
     quantizes_weights: ClassVar[bool] = True
-    needs_calibration: ClassVar[bool] = False
+    bits: int = 4
+    group_size: int | None = 128  # None: one group per output channel
+    sym: bool = False
+    targets: str = "llm"  # llm | vision | all, or () for none
 
     def validate(self, ctx) -> None:
         if self.targets not in TARGETS and self.targets != ():
@@ -186,9 +191,6 @@ class WeightQuant(Method):
                               f"got {self.targets!r}")
         check_bits(self.name, self.bits)
         check_group(self.name, self.group_size)
-        if self.needs_calibration and self.calib_samples < 1:
-            raise MethodError(f"{self.name} needs calibration data: calib_samples must be >= 1 "
-                              f"(e.g. 16 windows of the offline corpus), got {self.calib_samples!r}")
 
     def check_shapes(self, wctx) -> None:
         for name, mod in wctx.linears.items():
@@ -199,8 +201,20 @@ class WeightQuant(Method):
                                   f"{name}; valid here: {', '.join(map(str, ok)) or 'none of 32..256'} or None "
                                   f"(per-channel)")
 
-    def quantize_weights(self, wctx) -> None:
-        raise NotImplementedError
+
+@dataclass
+class CalibratedQuant(WeightQuant):
+    """A weight quantizer that reads calibration data: ``calib_samples`` x ``calib_len`` tokens
+    (windows from the end of the offline corpus for text LMs, image questions for VLMs)."""
+
+    calib_samples: int = 16
+    calib_len: int = 512
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise MethodError(f"{self.name} needs calibration data: calib_samples must be >= 1 "
+                              f"(e.g. 16 windows of the offline corpus), got {self.calib_samples!r}")
 
 
 @register
@@ -211,10 +225,6 @@ class RTN(WeightQuant):
     independently to ``bits``-bit integers with its own scale (and zero if asymmetric)."""
 
     name: ClassVar[str] = "rtn"
-    bits: int = 4
-    group_size: int | None = 128
-    sym: bool = False
-    targets: str = "llm"
 
     def quantize_weights(self, wctx) -> None:
         self.check_shapes(wctx)
@@ -226,7 +236,7 @@ class RTN(WeightQuant):
 
 @register
 @dataclass
-class GPTQ(WeightQuant):
+class GPTQ(CalibratedQuant):
     """GPTQ (Frantar et al., ICLR 2023): per layer, minimise ||WX - Q(W)X||^2 column by
     column, compensating each column's rounding error on the remaining columns through the
     inverse Hessian H = 2XX^T of the layer's calibration inputs (blocks quantized in order,
@@ -235,14 +245,7 @@ class GPTQ(WeightQuant):
     tokens of the offline corpus (the text LM) or of training-split shapes prompts."""
 
     name: ClassVar[str] = "gptq"
-    needs_calibration: ClassVar[bool] = True
-    bits: int = 4
-    group_size: int | None = 128
-    sym: bool = False
     damp: float = 0.01
-    calib_samples: int = 16
-    calib_len: int = 512
-    targets: str = "llm"
 
     def quantize_weights(self, wctx) -> None:
         self.check_shapes(wctx)
@@ -269,22 +272,15 @@ class GPTQ(WeightQuant):
 
 @register
 @dataclass
-class AWQ(WeightQuant):
+class AWQ(CalibratedQuant):
     """AWQ (Lin et al., MLSys 2024): protect salient input channels by scaling them up
     before quantization, s = mean|x|^alpha (normalised), with alpha grid-searched per group of
     linears sharing an input to minimise the output error; the scale is folded back
     (Q(W diag s) diag s^-1). Then (``clip``) the per-group clipping range is searched too."""
 
     name: ClassVar[str] = "awq"
-    needs_calibration: ClassVar[bool] = True
-    bits: int = 4
-    group_size: int | None = 128
-    sym: bool = False
     grid: int = 20
     clip: bool = True
-    calib_samples: int = 16
-    calib_len: int = 512
-    targets: str = "llm"
 
     def quantize_weights(self, wctx) -> None:
         self.check_shapes(wctx)
@@ -546,6 +542,7 @@ class KIVI(Method):
 
     name: ClassVar[str] = "kivi"
     family: ClassVar[str] = "quantization"
+    knob: ClassVar[str] = "bits"
     quantizes_cache: ClassVar[bool] = True
     bits: int = 2
     group_size: int = 32

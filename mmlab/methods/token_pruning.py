@@ -29,6 +29,7 @@ class VisualTokenMethod(Method):
     """Shared by the family: it needs image tokens, and a ``keep_ratio`` must be in (0, 1]."""
 
     family: ClassVar[str] = "token_pruning"
+    knob: ClassVar[str] = "keep_ratio"
     needs_image: ClassVar[bool] = True
 
     def validate(self, ctx) -> None:
@@ -224,6 +225,7 @@ class PyramidDrop(VisualTokenMethod):
     """
 
     name = "pdrop"
+    knob = "ratio"
     layers: tuple = (0.25, 0.5, 0.75)  # stage boundaries as fractions of the depth
     ratio: float = 0.5
 

@@ -29,34 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmlab.methods.mod import prd_ratio
-
-TANH_ALPHA = 0.2
-
-
-class Routers(torch.nn.Module):
-    """One zero-initialised Linear(hidden, 1) per routed layer (``shared``: one for all of them)."""
-
-    def __init__(self, hidden: int, ratios: list[float], shared: bool = False):
-        super().__init__()
-        self.ratios = list(ratios)
-        routed = [i for i, r in enumerate(ratios) if r < 1]
-        n = 1 if shared else len(routed)
-        self.linears = torch.nn.ModuleList(torch.nn.Linear(hidden, 1) for _ in range(n))
-        for lin in self.linears:
-            torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
-        self.index = {layer: 0 if shared else k for k, layer in enumerate(routed)}
-
-    def score(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.linears[self.index[layer]](x).squeeze(-1)
-
-    @staticmethod
-    def weight(score: torch.Tensor) -> torch.Tensor:
-        return TANH_ALPHA * torch.tanh(score) + 1  # TanhNorm
-
-    def config(self) -> dict:
-        return {"ratios": self.ratios, "shared": len(self.linears) == 1 and len(self.index) > 1,
-                "tanh_alpha": TANH_ALPHA}
+from mmlab.methods.mod import Routers, arank_layers, prd_ratio
 
 
 def mod_forward(model, embeds: torch.Tensor, routers: Routers, img: slice) -> torch.Tensor:
@@ -93,14 +66,15 @@ def calibration_arank(model, tokenizer, n: int = 8, seed: int = 0) -> list[float
     from mmlab.evaluate import arank
     from mmlab.models import Bundle
 
-    bundle = Bundle("tiny-llava", model, tokenizer, "tiny-llava", max_new_tokens=1)
+    bundle = Bundle.from_model(model, tokenizer, name="tiny-llava", adapter="tiny-llava", max_new_tokens=1)
     return arank(bundle, [make_sample(i, seed, "val") for i in range(n)])
 
 
 def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: float = 2e-4, router_lr: float = 1e-2,
               gmod_layers: int = 2, gmod_ratio: float = 0.25, seed: int = 0, out: Path | str | None = None) -> Path:
     """Fine-tune the shipped tiny-llava with MoD routing; writes ``tiny-llava-{kind}``."""
-    from mmlab.tiny.model import CHECKPOINT_DIR, build_tokenizer
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR
+    from mmlab.tiny.model import build_tokenizer
     from mmlab.tiny.train import image_features, make_batch, quick_accuracy
     from transformers import LlavaForConditionalGeneration
 
@@ -115,7 +89,7 @@ def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: f
     else:
         ranks = calibration_arank(model.eval(), tokenizer)
         model.train()
-        chosen = sorted(sorted(range(1, n_layers), key=lambda i: ranks[i])[:gmod_layers])  # layer 0 stays dense
+        chosen = arank_layers(ranks, gmod_layers)
         ratios = [gmod_ratio if i in chosen else 1.0 for i in range(n_layers)]
         info.update(arank=ranks, mod_layers=chosen)
     routers = Routers(hidden, ratios, shared=kind == "gmod")
@@ -153,12 +127,3 @@ def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: f
     (out / "mod.json").write_text(json.dumps(info, indent=1))
     print(f"trained {kind} {steps} steps in {time.time() - t0:.0f} s, loss {ema:.4f} -> {out}")
     return out
-
-
-def load_routers(path: Path) -> Routers:
-    info = json.loads((path / "mod.json").read_text())
-    state = torch.load(path / "routers.pt", weights_only=True)
-    hidden = state["linears.0.weight"].shape[1]
-    r = Routers(hidden, info["ratios"], shared=info["shared"])
-    r.load_state_dict(state)
-    return r.eval()

@@ -8,8 +8,6 @@ vocabulary. Everything here is built from configs, nothing is downloaded.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -18,7 +16,6 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from mmlab.data.shapes import IMAGE_SIZE, vocabulary
 
-CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "user", "assistant", ":"]
 PATCH = 8
 
@@ -58,19 +55,3 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0, **kw) -> Llav
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_config(tokenizer, **kw))
     return model.eval()
-
-
-def prompt_text(question: str, n_image_tokens: int | list[int]) -> str:
-    """The chat template the tiny model is trained with (image tokens already expanded):
-    LLaVA-1.5's order, image(s) first, then the question. ``n_image_tokens`` may be a
-    list (several images, one placeholder run each)."""
-    runs = n_image_tokens if isinstance(n_image_tokens, list) else [n_image_tokens]
-    return "<s> user : " + "".join("<image> " * n for n in runs) + f"{question} assistant :"
-
-
-def pixel_values(images) -> torch.Tensor:
-    """PIL images -> normalised (B, 3, H, W) float tensor in [-1, 1]."""
-    import numpy as np
-
-    arr = np.stack([np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).div_(127.5).sub_(1.0)

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, make_sample, patch_labels, scene_with_questions
-from mmlab.tiny.model import CHECKPOINT_DIR, PATCH, build_model, build_tokenizer, pixel_values, prompt_text
+from mmlab.arch.tiny_llava import CHECKPOINT_DIR, pixel_values, prompt_text
+from mmlab.tiny.model import PATCH, build_model, build_tokenizer
 
 
 def encode_qa(tokenizer, pairs, n_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
