@@ -21,6 +21,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP) browser
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
 # Debian's Chromium + ChromeDriver for the JupyterLab explorer test (tests skip it, with the

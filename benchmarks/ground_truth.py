@@ -13,7 +13,7 @@ import mmlab
 from mmlab.testing import ARCHITECTURES, random_bundle
 
 sys.path.insert(0, "tests")
-from test_ground_truth import NOOP  # noqa: E402  (the keep-everything settings, one source)
+from test_ground_truth import NOOP, TEXT  # noqa: E402  (the keep-everything settings, one source)
 
 torch.set_num_threads(2)
 
@@ -31,7 +31,7 @@ def main():
     shapes = mmlab.data.shapes(8, seed=0, split="test")
     texts = ["What is the capital of France?", "Explain what a hash table is in one sentence."]
     bundles = [(mmlab.load("tiny-llava"), shapes), (mmlab.load("smollm2-135m"), texts)]
-    bundles += [(b, shapes[:2] if b.multimodal else ["what color is the circle ?"])
+    bundles += [(b, shapes[:2] if b.multimodal else [TEXT])
                 for b in (random_bundle(a) for a in ARCHITECTURES)]
     print("every method at its keep-everything setting (tests/test_ground_truth.py NOOP)")
     print(f"{'model':<20} {'methods':<28} {'max|dlogit|':>12} {'answers':>8}")

@@ -35,7 +35,8 @@ def main():
         tr = mmlab.run(lm, prompt, methods, max_new_tokens=args.new)
         row = (tr.kv_bytes, tr.timings["decode_ms_per_token"])
         base = base or row
-        print(f"{budget:>7.2f} {row[0] / 2**20:>8.1f} {row[0] / base[0]:>11.3f} {row[1]:>16.1f} {row[1] / base[1]:>12.3f}")
+        print(f"{budget:>7.2f} {row[0] / 2**20:>8.1f} {row[0] / base[0]:>11.3f} {row[1]:>16.1f} "
+              f"{row[1] / base[1]:>12.3f}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def main():
             ("int4 g32 fake-quant (ours)", lm, (mmlab.methods.get("rtn", bits=4, group_size=32, sym=True),))]
     print(f"smollm2-135m on CPU, {args.threads} threads, {args.prompt}-token prompt, {args.new} new tokens, "
           f"median of {args.repeats}")
-    print(f"{'scheme':<34} {'MiB':>7} {'bytes ratio':>11} {'prefill tok/s':>13} {'ratio':>6} {'decode tok/s':>12} {'ratio':>6}")
+    print(f"{'scheme':<34} {'MiB':>7} {'bytes ratio':>11} {'prefill tok/s':>13} {'ratio':>6} "
+          f"{'decode tok/s':>12} {'ratio':>6}")
     base = None
     for label, bundle, methods in rows:
         size = model_bytes(bundle.model)

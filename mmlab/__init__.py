@@ -21,7 +21,8 @@ own layer's package base); imports point one way and never in a circle
     quantize                  weight methods, swapped in *around* the engine (calibration uses it)
     evaluate                  run / prefill with the swap, evaluate, perplexity, grid
     recording, figures        mmlab.record, figures with provenance
-    report, viz, batch, testing   tables and drawings, sweeps, tiny random models
+    viz                       drawings read from Traces, the explorer
+    report, batch, testing    report figures / tables from collected sweeps, sweeps, tiny random models
     tiny                      embedded-model training
     cli                       the command line
 """
@@ -52,7 +53,8 @@ MODULE_ORDER = [
     ["quantize"],
     ["evaluate"],
     ["recording", "figures"],
-    ["report", "viz", "batch", "testing"],
+    ["viz"],
+    ["report", "batch", "testing"],
     ["tiny"],
     ["cli"],
 ]

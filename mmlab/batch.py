@@ -90,12 +90,14 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
         raise SweepError(f"{path}: expected a mapping with keys notebook, grid, parameters, output, timeout")
     unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout"}
     if unknown:
-        raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; valid: notebook, grid, parameters, output, timeout")
+        raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; "
+                         f"valid: notebook, grid, parameters, output, timeout")
     if "notebook" not in spec:
         raise SweepError(f"{path}: missing 'notebook:' (the .ipynb to run)")
     nb = root / str(spec["notebook"])
     if not nb.exists() or nb.suffix != ".ipynb":
-        raise SweepError(f"{path}: notebook {spec['notebook']!r} not found (give a .ipynb path relative to the project)")
+        raise SweepError(f"{path}: notebook {spec['notebook']!r} not found "
+                         f"(give a .ipynb path relative to the project)")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict):
         raise SweepError(f"{path}: 'grid' must map parameter names to lists of values, got {type(grid).__name__}")
@@ -136,7 +138,8 @@ def kernel_dir() -> Path:
     (threads here, other processes elsewhere) never read a half-written spec."""
     d = Path(sys.prefix) / "share" / "mmlab-jupyter"
     spec = d / "kernels" / KERNEL / "kernel.json"
-    venv_python = Path(sys.prefix) / "bin" / "python"  # one spelling whichever entry point (python, python3, mmlab) runs
+    # one spelling whichever entry point (python, python3, mmlab) runs
+    venv_python = Path(sys.prefix) / "bin" / "python"
     exe = str(venv_python) if venv_python.exists() else sys.executable
     want = {"argv": [exe, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": "Python (mmlab venv)", "language": "python"}
@@ -198,7 +201,8 @@ def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: 
     if nb_partial.exists():
         nb_partial.replace(out_dir / f"{rid}.ipynb")
     result = {"run_id": rid, "sweep": sweep, "status": status, "error": error, "parameters": params,
-              "metrics": metrics, "git_commit": commit, "notebook": str(notebook), "seconds": round(time.time() - t0, 2),
+              "metrics": metrics, "git_commit": commit, "notebook": str(notebook),
+              "seconds": round(time.time() - t0, 2),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_json(out_dir / f"{rid}.json", result)
     return result

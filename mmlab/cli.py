@@ -26,8 +26,8 @@ def cmd_info(args) -> int:
     import transformers
 
     import mmlab
-    from mmlab.models import EMBEDDED
     from mmlab.arch.tiny_llava import CHECKPOINT_DIR
+    from mmlab.models import EMBEDDED
 
     print(f"mmlab {mmlab.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
     print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
@@ -35,14 +35,14 @@ def cmd_info(args) -> int:
     print(f"methods: {', '.join(mmlab.methods.available())}")
     if args.model:
         b = mmlab.load(args.model)
-        print(f"{args.model}: adapter={b.adapter.name} layers={b.n_layers} dims={b.dims()} loaded in {b.load_seconds:.1f}s")
+        print(f"{args.model}: adapter={b.adapter.name} layers={b.n_layers} dims={b.dims()} "
+              f"loaded in {b.load_seconds:.1f}s")
     return 0
 
 
 def cmd_train_tiny(args) -> int:
-    from mmlab.tiny.train import train
-
     from mmlab.arch.tiny_llava import CHECKPOINT_DIR
+    from mmlab.tiny.train import train
 
     if args.mod:  # fine-tune the shipped tiny-llava with MoD routing (p-MoD or gamma-MoD)
         from mmlab.tiny.mod import train_mod
@@ -143,7 +143,7 @@ def cmd_reproduce(args) -> int:
     return min(failed, 100)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmlab", description="mmlab: efficient multimodal LLM inference workbench")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train-tiny", help="train tiny-llava on the synthetic shapes data (CPU, minutes)")
     p.add_argument("--steps", type=int, default=4000, help="stage-2 (VQA) steps")
     p.add_argument("--vision-steps", type=int, default=1500, help="stage-1 (vision tower + patch probe) steps")
-    p.add_argument("--batch-size", type=int, default=32, help="about this many sequences per stage-2 step (up to 4 questions per image)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="about this many sequences per stage-2 step (up to 4 questions per image)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default: the shipped checkpoint inside the package)")
@@ -197,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="figure folder (default figures/)")
     p.set_defaults(fn=cmd_figures)
 
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # MethodError is a ValueError: one clear line, no traceback

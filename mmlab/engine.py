@@ -129,7 +129,7 @@ class Context:
 
     def cache_is_image(self, layer: int) -> torch.Tensor:
         """(len,) bool: which of layer ``layer``'s cached prompt tokens are visual tokens."""
-        device = self._layer_inputs[layer][2].device if layer in self._layer_inputs else self.adapter.lm_head.weight.device
+        device = next(self.adapter.layers[layer].parameters()).device  # where that layer's scores live
         return (self.trace.modality[self.trace.layer_tokens[layer]] >= 0).to(device)
 
     def attention_logits(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:

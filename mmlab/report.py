@@ -289,7 +289,8 @@ def kept_tokens(df: pd.DataFrame):
             grid = tuple(int(v) for v in r.grid.split("x"))
             ax = axes[i, j]
             if i == 0 and _ints(r.groups):
-                viz.draw_groups(sample.image, np.array(_ints(r.groups)), _ints(r.reps), grid, ax, f"{name}: {r.present} in")
+                viz.draw_groups(sample.image, np.array(_ints(r.groups)), _ints(r.reps), grid, ax,
+                                f"{name}: {r.present} in")
             elif i == 0:
                 viz.draw_status(sample.image, np.array(_ints(r.tokens)), grid, ax, f"{name}: {r.present} in")
             else:

@@ -4,7 +4,7 @@ They exercise the same code paths as the real checkpoints users load on a GPU bo
 (Llama / Qwen2 / Qwen3 / Gemma3 LMs, LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
 Qwen2.5-VL): processors, placeholder expansion, image-feature extraction, M-RoPE, q_norm,
 sliding windows. Used by the tests and the ground-truth benchmark. One builder per
-architecture in ``BUILDERS``; adding an architecture adds one here.
+architecture in ``_builders()`` (and its name in ``ARCHITECTURES``); adding an architecture adds one here.
 """
 
 from __future__ import annotations
@@ -92,8 +92,9 @@ def _llava(tok, text=None, vision=None):
                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
                          vision_feature_layer=-1, tie_word_embeddings=False, image_seq_length=(side // patch) ** 2)
     ip = tf.CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
-    proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
-                             num_additional_image_tokens=1, chat_template=_TEMPLATE.replace("{{ IMG }}", "<image>"))
+    proc = tf.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
+                             vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                             chat_template=_TEMPLATE.replace("{{ IMG }}", "<image>"))
     return _sdpa(tf.LlavaForConditionalGeneration, cfg), proc
 
 
@@ -103,8 +104,9 @@ def _llava_next(tok, text=None, vision=None):
     vcfg, side, patch = _clip(vision)
     pinpoints = [[32, 32], [32, 64], [64, 32]]
     cfg = tf.LlavaNextConfig(vision_config=vcfg, text_config=tf.LlamaConfig(**(_text_kw(tok) | (text or {}))),
-                             image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
-                             vision_feature_layer=-1, tie_word_embeddings=False, image_grid_pinpoints=pinpoints,
+                             image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             vision_feature_select_strategy="default", vision_feature_layer=-1,
+                             tie_word_embeddings=False, image_grid_pinpoints=pinpoints,
                              image_seq_length=16)
     ip = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": side, "width": side},
                                        image_grid_pinpoints=pinpoints)

@@ -6,8 +6,8 @@
   the image tokens, on the image grid.
 - ``draw_merges`` / ``draw_groups``: the image coloured by merge group (pool, AIM), survivors outlined.
 - ``key_similarity_map``: adjacent-key cosine similarity along the sequence, per layer (KVMerger).
-- ``attention_share``: per layer, the share of the last prompt token's attention that
-  image / text tokens receive (FastV's observation).
+- ``attention_share`` / ``attention_shares``: per layer, the share of the last prompt token's
+  attention that image / text tokens receive (FastV's observation), one run / over samples.
 - ``plot_tokens_per_layer``: per-layer token counts of several traces.
 - ``Explorer``: the ipywidgets explorer of ``notebooks/05_explorer.ipynb``.
 """
@@ -144,8 +144,19 @@ def attention_share(trace: Trace):
         n_img, n_txt = int(is_img.sum()), int((~is_img).sum())
         img, txt = float(a[is_img].sum()), float(a[~is_img].sum())
         rows.append({"layer": layer, "image_share": img, "text_share": txt, "image_tokens": n_img,
-                     "text_tokens": n_txt, "image_per_token": img / max(1, n_img), "text_per_token": txt / max(1, n_txt)})
+                     "text_tokens": n_txt, "image_per_token": img / max(1, n_img),
+                     "text_per_token": txt / max(1, n_txt)})
     return pd.DataFrame(rows)
+
+
+def attention_shares(bundle, samples):
+    """FastV's observation over ``samples``: ``attention_share`` of each layer, averaged over the
+    samples (one dense run each, every layer's scores recomputed)."""
+    import pandas as pd
+
+    layers = range(bundle.n_layers)
+    shares = [attention_share(run(bundle, s, attention_layers=layers, max_new_tokens=1)) for s in samples]
+    return pd.concat(shares).groupby("layer", as_index=False).mean().assign(samples=len(samples))
 
 
 def key_similarity_map(cache) -> np.ndarray:

@@ -40,4 +40,5 @@ def eager_tiny():
 
     from mmlab.arch.tiny_llava import CHECKPOINT_DIR
 
-    return LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava", attn_implementation="eager").eval()
+    path = CHECKPOINT_DIR / "tiny-llava"
+    return LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager").eval()

@@ -2,8 +2,8 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaModel
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaModel
 
 import mmlab
 from mmlab.engine import extend, prefill

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 import mmlab
 from mmlab.data.text import offline_corpus
@@ -21,11 +22,21 @@ def test_perplexity_real_text(smol):
     text = offline_corpus()
     r = mmlab.perplexity(smol, text, window=128, max_windows=2, progress=False)
     assert r.n_tokens == 2 * 127 and 1 < r.perplexity < 100  # a real LM on English prose
-    # continuation mode with no method scores the same tokens the same way
-    full = mmlab.perplexity(smol, text, window=128, max_windows=2, progress=False)
+
+
+def test_continuation_perplexity_equals_the_full_prefill_nll(smol):
+    """With no method, prefilling the context and scoring the rest teacher-forced over its cache gives
+    the NLL one full-window prefill gives on the same tokens."""
+    text = offline_corpus()
     c = mmlab.perplexity(smol, text, window=128, context=64, max_windows=2, progress=False)
-    assert c.n_tokens == 2 * 64 and math.isfinite(c.perplexity)
-    assert full.perplexity == pytest.approx(r.perplexity)
+    ids = smol.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0, :256].view(2, 128)
+    nll = []
+    for chunk in ids:
+        logits = mmlab.prefill(smol, mmlab.Inputs(chunk[None]), all_logits=True).logits
+        nll.append(torch.nn.functional.cross_entropy(logits[63:127], chunk[64:], reduction="sum"))
+    assert c.n_tokens == 2 * 64
+    assert c.nll == pytest.approx(float(sum(nll)) / 128, abs=1e-4)
+    assert c.perplexity == pytest.approx(math.exp(float(sum(nll)) / 128), rel=1e-4)
 
 
 def test_perplexity_bad_input(smol, tiny):

@@ -86,7 +86,8 @@ def test_explorer_renders_and_reacts(lab, tmp_path):
         answer = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".mmlab-explorer .mmlab-answer"))[0]
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".mmlab-explorer .jp-OutputArea-output img"))
         before = answer.text
-        img_before = driver.find_element(By.CSS_SELECTOR, ".mmlab-explorer .jp-OutputArea-output img").get_attribute("src")
+        output_img = ".mmlab-explorer .jp-OutputArea-output img"
+        img_before = driver.find_element(By.CSS_SELECTOR, output_img).get_attribute("src")
         assert before.startswith("random:"), before
 
         def img_src(d):
@@ -97,10 +98,12 @@ def test_explorer_renders_and_reacts(lab, tmp_path):
         wait.until(lambda d: img_src(d) != img_before)
         img_none = img_src(driver)
         Select(driver.find_element(By.CSS_SELECTOR, ".mmlab-explorer select")).select_by_visible_text("random")
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".mmlab-explorer .mmlab-answer").text.startswith("random:"))
+        answer = ".mmlab-explorer .mmlab-answer"
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, answer).text.startswith("random:"))
         wait.until(lambda d: img_src(d) != img_none)
         time.sleep(1)
-        shot = ROOT / "figures" / "explorer.png" if os.environ.get("MMLAB_UPDATE_SCREENSHOT") else tmp_path / "explorer.png"
+        update = os.environ.get("MMLAB_UPDATE_SCREENSHOT")
+        shot = ROOT / "figures" / "explorer.png" if update else tmp_path / "explorer.png"
         driver.find_element(By.CSS_SELECTOR, ".mmlab-explorer").screenshot(str(shot))
         assert shot.stat().st_size > 10_000
     finally:

@@ -77,7 +77,8 @@ def test_notebook_executes(nb, tmp_path, monkeypatch):
     metrics, tasks = RECORDS[nb.name]
     assert metrics <= set(recorded), f"{nb.name} did not record {sorted(metrics - set(recorded))}"
     rows = pd.DataFrame(recorded.get(ROWS, []))
-    assert tasks == set(rows.get("task", pd.Series(dtype=str)).dropna()), f"{nb.name} recorded tasks {set(rows.get('task', []))}"
+    got = set(rows.get("task", pd.Series(dtype=str)).dropna())
+    assert tasks == got, f"{nb.name} recorded tasks {got}, expected {tasks}"
     # `mmlab figures` redraws this sweep's report figures from exactly such a table
     for name, (sweep, draw) in report.FIGURES.items():
         if sweep == _sweep_of(nb) and not rows.empty:

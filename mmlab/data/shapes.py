@@ -69,7 +69,8 @@ class Sample:
 
 def _draw(objs: list[Obj], ids: bool = False) -> Image.Image:
     """The RGB scene, or (``ids=True``) a label map with object k drawn as value k + 1."""
-    img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0) if ids else Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (128, 128, 128))
+    size = (IMAGE_SIZE, IMAGE_SIZE)
+    img = Image.new("L", size, 0) if ids else Image.new("RGB", size, (128, 128, 128))
     d = ImageDraw.Draw(img)
     for k, o in enumerate(objs):
         c = k + 1 if ids else COLORS[o.color]
@@ -166,7 +167,8 @@ def make_sample(index: int, seed: int = 0, split: str = "test", qtype: str | Non
     return Sample(_draw(objs), qa[0], qa[1], qt, objs, uid=f"{split}-{seed}-{index}")
 
 
-def scene_with_questions(index: int, seed: int = 0, split: str = "train") -> tuple[Image.Image, list[Obj], list[tuple[str, str, str]]]:
+def scene_with_questions(index: int, seed: int = 0,
+                         split: str = "train") -> tuple[Image.Image, list[Obj], list[tuple[str, str, str]]]:
     """One scene and a question of every type it can host, in random order (training turns)."""
     rng = np.random.default_rng([SPLITS[split] + 10, seed, index])
     objs = _scene(rng)

@@ -211,7 +211,8 @@ def get(name: str, **params) -> Method:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(params) - fields
     if unknown:
-        raise MethodError(f"{name} has no parameter {', '.join(sorted(unknown))}; valid: {', '.join(sorted(fields)) or 'none'}")
+        raise MethodError(f"{name} has no parameter {', '.join(sorted(unknown))}; "
+                          f"valid: {', '.join(sorted(fields)) or 'none'}")
     return cls(**params)
 
 

@@ -196,7 +196,8 @@ class WeightQuant(Method):
         for name, mod in wctx.linears.items():
             cols = mod.weight.shape[1]
             if self.group_size is not None and cols % self.group_size:
-                ok = [g for g in (32, 64, 128, 192, 256) if all(m.weight.shape[1] % g == 0 for m in wctx.linears.values())]
+                ok = [g for g in (32, 64, 128, 192, 256)
+                      if all(m.weight.shape[1] % g == 0 for m in wctx.linears.values())]
                 raise MethodError(f"{self.name}: group_size {self.group_size} does not divide in_features {cols} of "
                                   f"{name}; valid here: {', '.join(map(str, ok)) or 'none of 32..256'} or None "
                                   f"(per-channel)")
@@ -550,7 +551,8 @@ class KIVI(Method):
 
     def validate(self, ctx) -> None:
         if self.bits not in (1, 2, 4, 8):
-            raise MethodError(f"{self.name}: bits must be one of 1, 2, 4, 8 (codes are packed into bytes), got {self.bits!r}")
+            raise MethodError(f"{self.name}: bits must be one of 1, 2, 4, 8 (codes are packed into bytes), "
+                              f"got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise MethodError(f"{self.name}: group_size must be a positive integer (e.g. 32), got {self.group_size!r}")
         if not isinstance(self.residual, int) or self.residual < 0:

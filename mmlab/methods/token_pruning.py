@@ -235,7 +235,8 @@ class PyramidDrop(VisualTokenMethod):
     def validate(self, ctx) -> None:
         check_ratio(self.name, self.ratio, "ratio")
         if not self.layers or any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in self.layers):
-            raise MethodError(f"pdrop: layers must be stage boundaries as fractions of depth in (0, 1), got {self.layers!r}")
+            raise MethodError(f"pdrop: layers must be stage boundaries as fractions of depth in (0, 1), "
+                              f"got {self.layers!r}")
         super().validate(ctx)
 
     def before_layer(self, ctx, layer, tokens):
@@ -326,7 +327,8 @@ class AIM(VisualTokenMethod):
             raise MethodError(f"aim: need 0 <= prune_from <= 1 and prune_to > prune_from (relative depths), "
                               f"got prune_from={self.prune_from!r}, prune_to={self.prune_to!r}")
         if not self.tau > 0 or not (isinstance(self.iters, int) and self.iters >= 1):
-            raise MethodError(f"aim: tau must be > 0 and iters an integer >= 1, got tau={self.tau!r}, iters={self.iters!r}")
+            raise MethodError(f"aim: tau must be > 0 and iters an integer >= 1, "
+                              f"got tau={self.tau!r}, iters={self.iters!r}")
 
     def image_features(self, ctx, feats):
         out = []

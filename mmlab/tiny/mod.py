@@ -73,10 +73,11 @@ def calibration_arank(model, tokenizer, n: int = 8, seed: int = 0) -> list[float
 def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: float = 2e-4, router_lr: float = 1e-2,
               gmod_layers: int = 2, gmod_ratio: float = 0.25, seed: int = 0, out: Path | str | None = None) -> Path:
     """Fine-tune the shipped tiny-llava with MoD routing; writes ``tiny-llava-{kind}``."""
+    from transformers import LlavaForConditionalGeneration
+
     from mmlab.arch.tiny_llava import CHECKPOINT_DIR
     from mmlab.tiny.model import build_tokenizer
     from mmlab.tiny.train import image_features, make_batch, quick_accuracy
-    from transformers import LlavaForConditionalGeneration
 
     if kind not in ("pmod", "gmod"):
         raise ValueError(f"--mod must be pmod or gmod, got {kind!r}")
@@ -108,7 +109,8 @@ def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: f
         embeds = model.get_input_embeddings()(ids)
         embeds = torch.cat([embeds[:, :img.start], feats.to(embeds.dtype), embeds[:, img.stop:]], 1)
         logits = model.lm_head(mod_forward(model, embeds, routers, img))
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

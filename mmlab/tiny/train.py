@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, make_sample, patch_labels, scene_with_questions
 from mmlab.arch.tiny_llava import CHECKPOINT_DIR, pixel_values, prompt_text
+from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, make_sample, patch_labels, scene_with_questions
 from mmlab.tiny.model import PATCH, build_model, build_tokenizer
 
 
@@ -117,7 +117,8 @@ def image_features(model, px):
 
 def pretrain_vision(model, probe, steps: int, images_per_step: int, lr: float, seed: int) -> None:
     """Stage 1: ViT + projector learn the probe's per-patch targets (its dense loss),
-    standing in for the pretrained CLIP encoder LLaVA starts from. Without it the ViT had not told shapes apart (patch shape accuracy at chance) after
+    standing in for the pretrained CLIP encoder LLaVA starts from. Without it the ViT had not told
+    shapes apart (patch shape accuracy at chance) after
     1000 joint steps, and every shape-keyed question stayed at chance."""
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *probe.parameters()]
@@ -168,7 +169,8 @@ def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_step
             bar.set_postfix(loss=f"{ema:.3f}", aux=f"{aux.item():.3f}")
         if eval_every and (step + 1) % eval_every == 0:
             acc = quick_accuracy(model, tokenizer)
-            print(f"step {step + 1} loss {ema:.3f} val " + " ".join(f"{k}={v:.2f}" for k, v in sorted(acc.items())), flush=True)
+            print(f"step {step + 1} loss {ema:.3f} val " + " ".join(f"{k}={v:.2f}" for k, v in sorted(acc.items())),
+                  flush=True)
     model.eval()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
