@@ -48,7 +48,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/ground_truth.py
 	$(PY) benchmarks/pruning_speed.py
-	$(PY) benchmarks/kv_decode_speed.py
+	$(PY) benchmarks/decode_speed.py
 	$(PY) benchmarks/quant_speed.py
 	$(PY) benchmarks/kvpress_compare.py   # creates .venv-kvpress (kvpress pins an older transformers)
 

@@ -17,10 +17,10 @@ recent; it needs eager attention, ours recomputes scores beside SDPA).
 
 import argparse
 import json
+import math
+import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -46,44 +46,69 @@ def kvpress_python() -> Path:
     return py
 
 
-def ours(bundle, text, args, name, budget):
+class KVPress:
+    """The kvpress worker process, one configuration per request (see kvpress_worker.py)."""
+
+    def __init__(self, threads: int):
+        self.proc = subprocess.Popen([str(kvpress_python()), str(Path(__file__).with_name("kvpress_worker.py")),
+                                      str(cache_dir() / "smollm2-135m"), str(threads)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert json.loads(self.proc.stdout.readline())["ready"]
+
+    def measure(self, name: str, budget: float, window: torch.Tensor, context: int) -> dict:
+        self.proc.stdin.write(json.dumps({"method": name, "budget": budget, "ids": window.tolist(),
+                                          "context": context}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+
+def ours(bundle, name: str, budget: float, window: torch.Tensor, context: int) -> dict:
+    """Prefill + compression of the context (timed), then the continuation's NLL, as the worker does."""
     methods = [] if name == "none" else [mmlab.methods.get(name, budget=budget)]
-    r = mmlab.perplexity(bundle, text, methods, window=args.window, context=args.context, max_windows=args.windows,
-                         progress=False)  # the same windows: the text's first tokens, no special tokens
-    return r.perplexity, r.prefill_ms
+    p = mmlab.prefill(bundle, Inputs(window[None, :context]), methods)
+    cont = mmlab.engine.extend(bundle, p.cache, window[None, context:], p.next_position)
+    logits = torch.cat([p.logits[-1:], cont[:-1]])
+    nll = torch.nn.functional.cross_entropy(logits, window[context:], reduction="sum").item()
+    return {"prefill_ms": p.trace.timings["prefill_ms"], "nll": nll, "count": window.numel() - context}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="0.5,0.35,0.2,0.1")
     ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the windows, interleaved")
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--context", type=int, default=768)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bundle = mmlab.load("smollm2-135m")  # also makes sure the converted weights exist for the worker
-    text = offline_corpus()
-    ids = bundle.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = bundle.tokenizer(offline_corpus(), return_tensors="pt", add_special_tokens=False).input_ids[0]
     windows = [ids[i * args.window:(i + 1) * args.window] for i in range(args.windows)]
-    py = kvpress_python()
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save({"windows": windows, "context": args.context}, f"{tmp}/ids.pt")
-        t = time.time()
-        subprocess.run([str(py), str(Path(__file__).with_name("kvpress_worker.py")), str(cache_dir() / "smollm2-135m"),
-                        f"{tmp}/ids.pt", f"{tmp}/out.json", args.budgets, str(args.threads)], check=True)
-        theirs = {(r["method"], r["budget"]): r for r in json.loads(Path(f"{tmp}/out.json").read_text())}
-        print(f"kvpress side: {time.time() - t:.0f} s")
-    for _ in range(2):  # warm-up on our side too
-        mmlab.prefill(bundle, Inputs(windows[0][None, :args.context]))
-    print(f"\nsmollm2-135m, {args.windows} windows x {args.window} tokens, first {args.context} compressed, "
-          f"{args.threads} threads; time = median prefill + compression per window")
+    press = KVPress(args.threads)
+    configs = [("none", 1.0)] + [(n, float(b)) for n in ("streamingllm", "snapkv", "h2o")
+                                 for b in args.budgets.split(",")]
+    for _ in range(2):  # warm-up on both sides
+        press.measure("snapkv", 0.5, windows[0], args.context), ours(bundle, "snapkv", 0.5, windows[0], args.context)
+    print(f"smollm2-135m, {args.windows} windows x {args.window} tokens, first {args.context} compressed, "
+          f"{args.threads} threads; time = median over {args.repeats} x {args.windows} interleaved "
+          f"prefill + compression measurements")
     print(f"{'method':<13} {'budget':>6} {'ppl mmlab':>10} {'ppl kvpress':>11} {'rel diff':>9} "
           f"{'ms mmlab':>9} {'ms kvpress':>10} {'time ratio':>10}")
-    for (name, budget), r in theirs.items():
-        ppl, ms = ours(bundle, text, args, name, budget)
-        print(f"{name:<13} {budget:>6.2f} {ppl:>10.3f} {r['perplexity']:>11.3f} {ppl / r['perplexity'] - 1:>+9.2%} "
-              f"{ms:>9.1f} {r['prefill_ms']:>10.1f} {ms / r['prefill_ms']:>10.2f}")
+    for name, budget in configs:
+        mine, theirs = [], []
+        for rep in range(args.repeats):
+            for w in windows:  # alternate the two sides (and which goes first) so drifts hit both alike
+                if rep % 2:
+                    theirs.append(press.measure(name, budget, w, args.context))
+                mine.append(ours(bundle, name, budget, w, args.context))
+                if not rep % 2:
+                    theirs.append(press.measure(name, budget, w, args.context))
+        ppl = [math.exp(sum(r["nll"] for r in rs[: args.windows]) / sum(r["count"] for r in rs[: args.windows]))
+               for rs in (mine, theirs)]
+        ms = [statistics.median(r["prefill_ms"] for r in rs) for rs in (mine, theirs)]
+        print(f"{name:<13} {budget:>6.2f} {ppl[0]:>10.3f} {ppl[1]:>11.3f} {ppl[0] / ppl[1] - 1:>+9.2%} "
+              f"{ms[0]:>9.1f} {ms[1]:>10.1f} {ms[0] / ms[1]:>10.2f}")
 
 
 if __name__ == "__main__":

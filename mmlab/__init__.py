@@ -11,7 +11,7 @@ Module order (``MODULE_ORDER``): a module imports only modules of earlier layers
 own layer's package base); imports point one way and never in a circle
 (``tests/test_imports.py`` checks both, imports inside functions included)::
 
-    data                      shapes VQA, offline text           (imports nothing of mmlab)
+    data, threads             shapes VQA, offline text; threads that follow the sweep runner (leaves)
     methods.base              the typed stage interface, registry (torch only)
     methods.*                 one file per family                 (methods.base + torch only)
     flops, trace              a run's FLOPs, and what it did
@@ -42,7 +42,7 @@ from mmlab.recording import record, record_rows  # noqa: E402
 from mmlab.trace import Trace  # noqa: E402
 
 MODULE_ORDER = [
-    ["data"],
+    ["data", "threads"],
     ["methods.base"],
     ["methods"],
     ["flops"],

@@ -7,6 +7,7 @@ A sweep YAML names a notebook and a grid::
     grid: {method: [fastv, divprune], keep_ratio: [0.11, 0.22, 0.33]}   # cartesian product
     parameters: {n_samples: 100}        # fixed for every run
     timeout: 1800                       # optional, seconds per run
+    estimate: 300                       # optional, expected seconds per run (longest runs start first)
 
 Every run executes the notebook with papermill into ``RUN_ID.ipynb`` and writes
 ``RUN_ID.json`` (parameters, metrics from ``mmlab.record``, git commit, timings, status).
@@ -24,6 +25,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -35,6 +37,7 @@ import yaml
 from mmlab.figures import git_commit
 from mmlab.recording import ENV as RECORD_ENV
 from mmlab.recording import ROWS
+from mmlab.threads import ENV as THREADS_ENV
 
 
 class SweepError(ValueError):
@@ -49,6 +52,7 @@ class Sweep:
     grid: dict[str, list]
     parameters: dict = field(default_factory=dict)
     timeout: float = 1800.0
+    estimate: float = 60.0  # expected seconds per run, for scheduling and the ETA
 
     def runs(self) -> list[tuple[str, dict]]:
         """(run id, full parameters) for every point of the grid, in grid order."""
@@ -87,11 +91,12 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     except yaml.YAMLError as e:
         raise SweepError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(spec, dict):
-        raise SweepError(f"{path}: expected a mapping with keys notebook, grid, parameters, output, timeout")
-    unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout"}
+        raise SweepError(f"{path}: expected a mapping with keys notebook, grid, parameters, output, timeout, "
+                         f"estimate")
+    unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout", "estimate"}
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; "
-                         f"valid: notebook, grid, parameters, output, timeout")
+                         f"valid: notebook, grid, parameters, output, timeout, estimate")
     if "notebook" not in spec:
         raise SweepError(f"{path}: missing 'notebook:' (the .ipynb to run)")
     nb = root / str(spec["notebook"])
@@ -117,12 +122,13 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     if bad:
         raise SweepError(f"{path}: parameter(s) {bad} not in the parameters cell of {spec['notebook']}; "
                          f"valid: {', '.join(sorted(known))}")
-    timeout = spec.get("timeout", 1800)
-    if not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise SweepError(f"{path}: timeout must be a positive number of seconds, got {timeout!r}")
+    timeout, estimate = spec.get("timeout", 1800), spec.get("estimate", 60)
+    for what, v in (("timeout", timeout), ("estimate", estimate)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise SweepError(f"{path}: {what} must be a positive number of seconds, got {v!r}")
     name = path.stem
     output = root / str(spec.get("output") or f"runs/{name}")
-    return Sweep(name, nb, output, grid, params, float(timeout))
+    return Sweep(name, nb, output, grid, params, float(timeout), float(estimate))
 
 
 KERNEL = "mmlab-venv"
@@ -170,7 +176,7 @@ def is_finished(json_path: Path) -> bool:
 
 
 def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: float, commit: str,
-                sweep: str, threads: int | None = None) -> dict:
+                sweep: str, threads: int | None = None, threads_file: Path | None = None) -> dict:
     """Run one grid point in its own process (and kernel); returns the JSON it wrote."""
     out_dir.mkdir(parents=True, exist_ok=True)
     nb_partial = out_dir / f"{rid}.ipynb.partial"
@@ -180,6 +186,8 @@ def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: 
            "JUPYTER_PATH": str(kernel_dir()) + os.pathsep + os.environ.get("JUPYTER_PATH", "")}
     if threads:  # parallel kernels share the cores: oversubscribed OpenMP pools spin against each other
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    if threads_file:  # ... and take over the cores of runs that end (mmlab.threads.follow)
+        env[THREADS_ENV] = str(threads_file)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(nb_partial), "-y", json.dumps(params),
            "--kernel", KERNEL, "--cwd", str(notebook.parent), "--no-progress-bar", "--log-level", "ERROR"]
     t0 = time.time()
@@ -208,37 +216,117 @@ def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: 
     return result
 
 
-def run_sweep(sweep: Sweep, jobs: int = 1, progress: bool = True) -> dict:
-    """Execute every unfinished run; returns counts. Failures are recorded, the grid continues."""
-    from tqdm.auto import tqdm
+class _Cores:
+    """The runs in flight and the threads each gets: the cores split evenly among them (the earliest
+    started get the remainder), written to a file the runs' kernels follow (``mmlab.threads``)."""
 
+    def __init__(self, path: Path, cores: int):
+        self.path, self.cores, self.live, self.lock = path, cores, [], threading.Lock()
+
+    def start(self, rid: str) -> int:
+        with self.lock:
+            self.live.append(rid)
+            return self._write()[rid]
+
+    def end(self, rid: str) -> None:
+        with self.lock:
+            self.live.remove(rid)
+            self._write()
+
+    def _write(self) -> dict:
+        base, extra = divmod(self.cores, max(1, len(self.live)))
+        alloc = {rid: max(1, base + (i < extra)) for i, rid in enumerate(self.live)}
+        _write_json(self.path, alloc)
+        return alloc
+
+
+@dataclass
+class _Task:
+    sweep: Sweep
+    rid: str
+    params: dict
+    estimate: float  # seconds: the run's last recorded time, else the sweep's estimate
+
+
+def _tasks(sweep: Sweep) -> list[_Task]:
+    """The sweep's unfinished runs (stale partial files of a killed sweep removed first)."""
     sweep.output.mkdir(parents=True, exist_ok=True)
     for stale in sweep.output.glob("*.partial"):  # left by a killed sweep: never counted as results
         stale.unlink()
-    todo = [(rid, p) for rid, p in sweep.runs() if not is_finished(sweep.output / f"{rid}.json")]
-    total = len(sweep.runs())
-    counts = {"total": total, "skipped": total - len(todo), "ok": 0, "failed": 0}
+    out = []
+    for rid, p in sweep.runs():
+        path = sweep.output / f"{rid}.json"
+        if is_finished(path):
+            continue
+        try:
+            last = float(json.loads(path.read_text()).get("seconds") or 0) if path.exists() else 0.0
+        except ValueError:
+            last = 0.0
+        out.append(_Task(sweep, rid, p, last or sweep.estimate))
+    return out
+
+
+def _run_task(task: _Task, commit: str, cores: _Cores) -> dict:
+    threads = cores.start(task.rid)
+    try:
+        return execute_run(task.sweep.notebook, task.sweep.output, task.rid, task.params, task.sweep.timeout, commit,
+                           task.sweep.name, threads, cores.path)
+    except Exception as e:  # the runner itself failed for this run: record it, keep going
+        res = {"run_id": task.rid, "sweep": task.sweep.name, "status": "failed", "parameters": task.params,
+               "metrics": {}, "error": f"runner: {type(e).__name__}: {e}", "git_commit": commit, "seconds": 0.0}
+        _write_json(task.sweep.output / f"{task.rid}.json", res)
+        return res
+    finally:
+        cores.end(task.rid)
+
+
+def run_sweeps(sweeps: list[Sweep], jobs: int = 1, progress: bool = True) -> dict[str, dict]:
+    """Every unfinished run of every sweep in one pool of ``jobs`` workers, the longest (estimated)
+    first; the cores are split among the runs in flight and follow them as runs end. One progress
+    display over the whole job (runs done / total, failures, ETA). Returns per sweep: counts, the
+    summed seconds of its runs and its wall-clock span. Failures are recorded, the rest continue."""
+    from tqdm.auto import tqdm
+
+    tasks = sorted((t for sw in sweeps for t in _tasks(sw)), key=lambda t: -t.estimate)
+    counts = {sw.name: {"total": len(sw.runs()), "skipped": len(sw.runs()), "ok": 0, "failed": 0, "seconds": 0.0,
+                        "first": None, "last": None} for sw in sweeps}
+    for t in tasks:
+        counts[t.sweep.name]["skipped"] -= 1
     commit = git_commit()
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs)) if jobs > 1 else None
-    bar = tqdm(total=len(todo), desc=f"sweep {sweep.name}", unit="run", disable=not progress)
+    cores_file = Path(tempfile.mkdtemp(prefix="mmlab-threads-")) / "threads.json"
+    cores = _Cores(cores_file, os.cpu_count() or 1)
+    bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
+    speed = [0.0, 0.0]  # (estimated, measured) seconds of the runs done: scales the ETA
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads only wait on run processes
-        futures = {pool.submit(execute_run, sweep.notebook, sweep.output, rid, p, sweep.timeout, commit,
-                               sweep.name, threads): (rid, p) for rid, p in todo}
+        futures = {pool.submit(_run_task, t, commit, cores): t for t in tasks}
         for fut in as_completed(futures):
-            try:
-                res = fut.result()
-            except Exception as e:  # the runner itself failed for this run: record it, keep going
-                rid, p = futures[fut]
-                res = {"run_id": rid, "sweep": sweep.name, "status": "failed", "parameters": p, "metrics": {},
-                       "error": f"runner: {type(e).__name__}: {e}", "git_commit": commit}
-                _write_json(sweep.output / f"{rid}.json", res)
-            counts[res["status"]] += 1
+            task, res = futures[fut], fut.result()
+            _tally(counts[task.sweep.name], res)
             if res["status"] != "ok":
-                bar.write(f"FAILED {res['run_id']}: {res['error']}")
+                bar.write(f"FAILED {task.sweep.name}/{res['run_id']}: {res['error']}")
+            speed[0] += task.estimate
+            speed[1] += res.get("seconds") or 0.0
+            left = sum(t.estimate for f, t in futures.items() if not f.done()) * speed[1] / max(speed[0], 1e-9)
             bar.update(1)
-            bar.set_postfix(ok=counts["ok"], failed=counts["failed"])
+            bar.set_postfix(failed=sum(v["failed"] for v in counts.values()), eta=f"{left / jobs / 60:.0f}min")
     bar.close()
-    return counts
+    cores_file.unlink(missing_ok=True)
+    return {name: {**{k: v for k, v in c.items() if k not in ("first", "last")},
+                   "wall_s": (c["last"] - c["first"]) if c["first"] else 0.0} for name, c in counts.items()}
+
+
+def _tally(c: dict, res: dict) -> None:
+    seconds = res.get("seconds") or 0.0
+    c[res["status"]] += 1
+    c["seconds"] += seconds
+    c["first"] = min(c["first"] or time.time(), time.time() - seconds)
+    c["last"] = time.time()
+
+
+def run_sweep(sweep: Sweep, jobs: int = 1, progress: bool = True) -> dict:
+    """Execute every unfinished run; returns counts. Failures are recorded, the grid continues."""
+    c = run_sweeps([sweep], jobs, progress)[sweep.name]
+    return {k: c[k] for k in ("total", "skipped", "ok", "failed")}
 
 
 def collect(run_dir: str | Path):

@@ -127,18 +127,20 @@ def cmd_reproduce(args) -> int:
         print(json.dumps(r))
     (out / "foundation.json").write_text(json.dumps(rows, indent=1))
 
-    # every default sweep, then the figures and the result tables from their collected tables
-    from mmlab.batch import collect, load_sweep, run_sweep
+    # every default sweep in one pool (longest runs first), then the figures and tables from the collected tables
+    from mmlab.batch import collect, load_sweep, run_sweeps
     from mmlab.report import build_figures, write_tables
 
-    failed = 0
     sweeps = [load_sweep(p) for p in sorted(Path("sweeps").glob("*.yaml"))]  # all validated before any runs
+    done = run_sweeps(sweeps, jobs=args.jobs)
     for sw in sweeps:
-        counts = run_sweep(sw, jobs=args.jobs)
-        failed += counts["failed"]
         collect(sw.output)
     for p in build_figures() + write_tables():
         print(p)
+    failed = sum(c["failed"] for c in done.values())
+    print(f"{'sweep':<18} {'runs':>5} {'failed':>6} {'wall s':>8} {'run s':>8}")
+    for name, c in done.items():
+        print(f"{name:<18} {c['ok'] + c['failed']:>5} {c['failed']:>6} {c['wall_s']:>8.0f} {c['seconds']:>8.0f}")
     print(f"reproduce finished in {time.time() - t0:.0f} s ({failed} failed runs)")
     return min(failed, 100)
 

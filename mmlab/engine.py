@@ -20,6 +20,7 @@ their stages (``mmlab.methods.base``). Weight quantization is swapped in *around
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,10 @@ import torch
 from mmlab.arch import Adapter
 from mmlab.methods.base import Method, MethodError
 from mmlab.models import active_weights
+from mmlab.threads import follow as follow_threads
 from mmlab.trace import Trace
+
+SCORE_CHUNK_BYTES = 64 * 2**20  # the largest block of heads x rows x keys float32 scores held at once
 
 
 class KVCache:
@@ -121,6 +125,8 @@ class Context:
     scratch: dict = field(default_factory=dict)
     method: str | None = None  # the method whose stage is running (named in errors)
     _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin), keys) kept on demand
+    _scores: dict = field(default_factory=dict)  # memoised score reductions, shared by forks of one prefill
+    _rope: tuple | None = None  # (positions, rotary key, (cos, sin)) of the last layer run
 
     def record_image_selection(self, image: int, kept: torch.Tensor, merged_into: torch.Tensor | None = None) -> None:
         self.trace.image_kept[image] = kept.detach().cpu()
@@ -156,16 +162,51 @@ class Context:
         p.exp_()
         return p.div_(p.sum(-1, keepdim=True))
 
+    def attention_received(self, layer: int) -> torch.Tensor:
+        """``(heads, k)``: the attention each key of prefill layer ``layer`` receives, summed over every
+        query (H2O's accumulated attention). Computed over query rows in chunks of at most
+        ``SCORE_CHUNK_BYTES`` of scores, so a long prompt never holds a heads x n x n map, and memoised:
+        every method and every fork of this prefill that asks again reads it back."""
+        key = ("received", layer)
+        if key not in self._scores:
+            n = self._layer_inputs[layer][0].shape[1] if layer in self._layer_inputs else 1  # else: raises below
+            rows = max(1, SCORE_CHUNK_BYTES // (4 * self.config.num_attention_heads * n))
+            total = self.attention(layer, slice(0, rows)).sum(1)
+            for start in range(rows, n, rows):
+                total += self.attention(layer, slice(start, start + rows)).sum(1)
+            self._scores[key] = total
+        return self._scores[key]
+
 
 @dataclass
 class Prefill:
-    """A finished prefill: its Trace so far, the (possibly compressed) cache and where decoding resumes."""
+    """A prefill: its Trace so far, the (possibly compressed) cache and where decoding resumes."""
 
     trace: Trace
     cache: KVCache
     ctx: Context
     logits: torch.Tensor  # (1 or L, vocab)
     next_position: torch.Tensor  # RoPE position of the first generated token
+    stage_ms: dict = field(default_factory=dict)  # time spent in each stage so far
+    dense_ms: float = 0.0  # wall-clock up to the after_prefill stage
+    max_new_tokens: int | None = None  # the sample's own answer length limit
+
+    def fork(self, methods: list[Method]) -> "Prefill":
+        """An independent copy of a prefill not yet compressed, to compress with ``methods``: the
+        cache's per-layer lists and the Trace's records are copied (methods replace cache tensors,
+        never write into them); the layer inputs and memoised scores are shared."""
+        if any(q is not None for q in self.cache.quantized) or self.trace.kv_lengths_prefill:
+            raise MethodError("fork() takes a prefill before its after_prefill stage")
+        cache = KVCache(len(self.cache.keys))
+        cache.keys, cache.values = list(self.cache.keys), list(self.cache.values)
+        trace = dataclasses.replace(self.trace, methods=[str(m) for m in methods],
+                                    extra=copy.deepcopy(self.trace.extra), timings=dict(self.trace.timings),
+                                    attentions=dict(self.trace.attentions), step_logits=[], decode_kv_lengths=[],
+                                    answer_ids=[])
+        ctx = dataclasses.replace(self.ctx, trace=trace, scratch={}, method=None)
+        for m in methods:
+            m.validate(ctx)
+        return dataclasses.replace(self, trace=trace, cache=cache, ctx=ctx, stage_ms=dict(self.stage_ms))
 
 
 # --- checks before a run -------------------------------------------------------------------
@@ -202,11 +243,22 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
             sample_index: int = 0) -> Prefill:
     """Vision tower, image-feature methods, the layer loop with ``before_layer``, then ``after_prefill``."""
     methods = list(methods)
+    # KV methods score the whole prefill after it ends: keep every layer's attention inputs until then
+    p = dense_prefill(bundle, sample, methods, attention_layers=attention_layers, all_logits=all_logits,
+                      sample_index=sample_index, keep_inputs=any(m.prefill_attention for m in methods))
+    compress(p, methods)
+    p.ctx._layer_inputs.clear()
+    return p
+
+
+def dense_prefill(bundle, sample, methods: list[Method], *, attention_layers=(), all_logits: bool = False,
+                  sample_index: int = 0, keep_inputs: bool = False) -> Prefill:
+    """Everything before the after_prefill stage: vision tower, image features, the layer loop with
+    ``before_layer``, and the logits. ``keep_inputs`` keeps every layer's attention inputs for scoring."""
     check_methods(bundle, methods)
+    follow_threads()
     inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
     ctx = _context(bundle, inputs, methods, attention_layers, sample_index)
-    # KV methods score the whole prefill after it ends: keep every layer's attention inputs until then
-    keep_inputs = any(m.prefill_attention for m in methods)
     stage_ms: dict[str, float] = {}
     with torch.inference_mode():
         t0 = time.perf_counter()
@@ -223,10 +275,26 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
         logits = bundle.adapter.logits(tokens.hidden if all_logits else tokens.hidden[:, -1:])
         if not keep_inputs:
             ctx._layer_inputs.clear()
-        _compress(ctx, cache, methods, stage_ms)
-        _finish_prefill(ctx.trace, cache, logits, all_logits, stage_ms, t0)
+    ctx.trace.logits = logits[-1].cpu()
+    if all_logits:
+        ctx.trace.all_logits = logits.cpu()
     # decoding continues from the last prompt token's position, whatever was dropped before it
-    return Prefill(ctx.trace, cache, ctx, logits, tokens.positions[..., -1:] + 1)
+    return Prefill(ctx.trace, cache, ctx, logits, tokens.positions[..., -1:] + 1, stage_ms,
+                   (time.perf_counter() - t0) * 1e3, inputs.max_new_tokens)
+
+
+def compress(p: Prefill, methods: list[Method]) -> None:
+    """The after_prefill stage (KV eviction / merging / quantization) and the prefill's final records:
+    cache lengths and bytes, and ``prefill_ms`` = the dense prefill's time + this compression's."""
+    trace, t0 = p.trace, time.perf_counter()
+    trace.kv_lengths_prefill = p.cache.lengths()
+    with torch.inference_mode():
+        for m in methods:
+            _call_stage(p.ctx, m, "after_prefill", p.stage_ms, p.cache)
+    trace.kv_lengths_final = p.cache.lengths()
+    trace.kv_bytes = p.cache.nbytes()
+    trace.timings["prefill_ms"] = p.dense_ms + (time.perf_counter() - t0) * 1e3
+    trace.timings.update(p.stage_ms)
 
 
 def _context(bundle, inputs, methods, attention_layers, sample_index) -> Context:
@@ -265,7 +333,7 @@ def _prefill_layer(adapter, i: int, tokens: Tokens, cache: KVCache, ctx: Context
     sel = slice(None) if routed is None else routed
     ctx.trace.layer_tokens.append(tokens.source[sel])
     hidden_in, positions = tokens.hidden[:, sel], tokens.positions[..., sel]
-    pe = adapter.rotary(hidden_in, positions, i)
+    pe = _rotary(adapter, ctx, hidden_in, positions if routed is not None else tokens.positions, i)
     mask = adapter.attention_mask(i, 0, hidden_in.shape[1])
     if weights is None:
         out = _call_layer(adapter.layers[i], hidden_in, positions, pe, cache, mask)
@@ -279,22 +347,13 @@ def _prefill_layer(adapter, i: int, tokens: Tokens, cache: KVCache, ctx: Context
     ctx._layer_inputs[i] = (hidden_in, pe, cache.keys[i])
 
 
-def _compress(ctx: Context, cache: KVCache, methods, stage_ms: dict) -> None:
-    """The after_prefill stage: KV eviction / merging / quantization."""
-    ctx.trace.kv_lengths_prefill = cache.lengths()
-    for m in methods:
-        _call_stage(ctx, m, "after_prefill", stage_ms, cache)
-    ctx._layer_inputs.clear()
-
-
-def _finish_prefill(trace: Trace, cache: KVCache, logits, all_logits: bool, stage_ms: dict, t0: float) -> None:
-    trace.kv_lengths_final = cache.lengths()
-    trace.kv_bytes = cache.nbytes()
-    trace.timings["prefill_ms"] = (time.perf_counter() - t0) * 1e3
-    trace.timings.update(stage_ms)
-    trace.logits = logits[-1].cpu()
-    if all_logits:
-        trace.all_logits = logits.cpu()
+def _rotary(adapter, ctx: Context, hidden, positions, i: int):
+    """Layer i's (cos, sin), reused from the previous layer while the live positions and the rotary
+    table are the same (no token removed or routed since)."""
+    key = adapter.rotary_key(i)
+    if ctx._rope is None or ctx._rope[0] is not positions or ctx._rope[1] != key:
+        ctx._rope = (positions, key, adapter.rotary(hidden, positions, i))
+    return ctx._rope[2]
 
 
 # --- decode -------------------------------------------------------------------------------------
@@ -308,17 +367,76 @@ def run(bundle, sample, methods: list[Method] | tuple = (), *, max_new_tokens: i
     cache (counted like decode tokens in the Trace) before generation starts.
     """
     methods = list(methods)
-    inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
-    query = None
-    if inputs.context_len is not None:
-        query = inputs.input_ids[:, inputs.context_len:]
-        inputs = dataclasses.replace(inputs, input_ids=inputs.input_ids[:, :inputs.context_len], context_len=None)
+    inputs, query = _split_query(bundle, sample)
     p = prefill(bundle, inputs, methods, attention_layers=attention_layers, all_logits=all_logits,
                 sample_index=sample_index)
+    return _answer(bundle, p, methods, query, max_new_tokens)
+
+
+def shares_prefill(methods: list[Method]) -> bool:
+    """True when every method acts only once the prefill is done (KV eviction / merging / quantization):
+    its dense prefill is then the same as with no method, and ``run_many`` can share it."""
+    return all(type(m).image_features is Method.image_features and type(m).before_layer is Method.before_layer
+               and not m.quantizes_weights for m in methods)
+
+
+def prefills(bundle, inputs, method_lists: list, *, all_logits: bool = False, sample_index: int = 0):
+    """``prefill`` of one input under each of several method lists, yielded one at a time (each is
+    used before the next is made). When every method acts only after the prefill (``shares_prefill``)
+    the dense prefill is computed once and each list compresses its own fork of it, with scores
+    memoised across them; otherwise each list prefills on its own. A list that a method refuses on
+    this input yields its ``MethodError`` in place of a Prefill."""
+    lists = [list(ms) for ms in method_lists]
+    if not all(shares_prefill(ms) for ms in lists):
+        for ms in lists:
+            try:
+                yield prefill(bundle, inputs, ms, all_logits=all_logits, sample_index=sample_index)
+            except MethodError as e:
+                yield e
+        return
+    base = dense_prefill(bundle, inputs, [], all_logits=all_logits, sample_index=sample_index,
+                         keep_inputs=any(m.prefill_attention for ms in lists for m in ms))
+    try:
+        for ms in lists:
+            try:
+                check_methods(bundle, ms)
+                p = base.fork(ms)
+                compress(p, ms)
+            except MethodError as e:
+                yield e
+                continue
+            p.ctx._layer_inputs = {}  # the shared inputs stay with the base until every list is done
+            yield p
+    finally:
+        base.ctx._layer_inputs.clear()
+
+
+def run_many(bundle, sample, method_lists: list, *, max_new_tokens: int | None = None,
+             sample_index: int = 0) -> list[Trace | MethodError]:
+    """``run`` of one sample under each of several method lists, sharing one dense prefill where the
+    methods allow it (``prefills``); a refused list gets its ``MethodError`` in place of a Trace."""
+    lists = [list(ms) for ms in method_lists]
+    inputs, query = _split_query(bundle, sample)
+    return [p if isinstance(p, MethodError) else _answer(bundle, p, ms, query, max_new_tokens)
+            for p, ms in zip(prefills(bundle, inputs, lists, sample_index=sample_index), lists)]
+
+
+def _split_query(bundle, sample):
+    """(the inputs to prefill, the question's ids fed after compression or None)."""
+    inputs = sample if hasattr(sample, "input_ids") else bundle.encode(sample)
+    if inputs.context_len is None:
+        return inputs, None
+    query = inputs.input_ids[:, inputs.context_len:]
+    return dataclasses.replace(inputs, input_ids=inputs.input_ids[:, :inputs.context_len], context_len=None), query
+
+
+def _answer(bundle, p: Prefill, methods, query, max_new_tokens) -> Trace:
+    """The question (if it comes after compression), then greedy decoding; returns the finished Trace."""
     logits, next_pos = p.logits[-1], p.next_position
     if query is not None and query.shape[1]:
         logits, next_pos = _feed_query(bundle, p, query)
-    _generate(bundle, p, methods, logits, next_pos, bundle.max_new_tokens if max_new_tokens is None else max_new_tokens)
+    limit = next(n for n in (max_new_tokens, p.max_new_tokens, bundle.max_new_tokens) if n is not None)
+    _generate(bundle, p, methods, logits, next_pos, limit)
     return p.trace
 
 

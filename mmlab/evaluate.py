@@ -106,13 +106,47 @@ def _sample_row(i: int, s, tr: Trace) -> dict:
 
 def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_tokens: int | None = None) -> EvalResult:
     """Greedy-answer accuracy (first word, case-insensitive) per question type."""
+    res = evaluate_many(bundle, samples, [methods], progress=progress, max_new_tokens=max_new_tokens)[0]
+    if isinstance(res, MethodError):
+        raise res
+    return res
+
+
+def evaluate_many(bundle, samples, method_lists: list, *, progress: bool = True,
+                  max_new_tokens: int | None = None) -> list[EvalResult | MethodError]:
+    """``evaluate`` of each method list on the same samples. Lists without weight quantization run
+    sample by sample through ``engine.run_many`` (those acting only after the prefill share each
+    sample's dense prefill); a weight-quantized list runs alone with its weights swapped in once.
+    A list refused on some sample gets that ``MethodError`` in place of a result."""
     if not samples:
         raise MethodError("evaluate() needs at least one sample")
-    rows, methods = [], list(methods)
-    with applied(bundle, methods) as quantized:  # quantize the weights once, not per sample
-        for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress, mininterval=2)):
-            rows.append(_sample_row(i, s, engine.run(bundle, s, methods, max_new_tokens=max_new_tokens,
-                                                     sample_index=i)))
+    lists = [list(ms) for ms in method_lists]
+    out: list = [None] * len(lists)
+    shared = [k for k, ms in enumerate(lists) if not any(m.quantizes_weights for m in ms)]
+    rows: dict[int, list] = {k: [] for k in shared}
+    for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress or not shared, mininterval=2)):
+        live = [k for k in shared if out[k] is None]
+        for k, tr in zip(live, engine.run_many(bundle, s, [lists[k] for k in live], max_new_tokens=max_new_tokens,
+                                               sample_index=i)):
+            if isinstance(tr, MethodError):
+                out[k] = tr
+            else:
+                rows[k].append(_sample_row(i, s, tr))
+    for k in shared:
+        out[k] = out[k] or _result(rows[k])
+    for k in (k for k in range(len(lists)) if k not in rows):
+        try:
+            with applied(bundle, lists[k]) as quantized:  # quantize the weights once, not per sample
+                r = [_sample_row(i, s, engine.run(bundle, s, lists[k], max_new_tokens=max_new_tokens, sample_index=i))
+                     for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress,
+                                                mininterval=2))]
+            out[k] = _result(r, quantized.weight_bits)
+        except MethodError as e:
+            out[k] = e
+    return out
+
+
+def _result(rows: list[dict], weight_bits: float = float("nan")) -> EvalResult:
     by_type: dict[str, list[bool]] = {}
     for r in rows:
         by_type.setdefault(r["qtype"], []).append(r["correct"])
@@ -125,7 +159,7 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
         prefill_ms=statistics.median(r["prefill_ms"] for r in rows),
         method_ms=statistics.median(r["method_ms"] for r in rows),
         decode_ms=_median_finite(r["decode_ms"] for r in rows),
-        n=len(rows), rows=rows, weight_bits=quantized.weight_bits if quantized else float("nan"))
+        n=len(rows), rows=rows, weight_bits=weight_bits)
 
 
 def _median_finite(values) -> float:
@@ -168,26 +202,66 @@ def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int
     compression at ``after_prefill``), and the remaining ``window - c`` tokens are scored
     teacher-forced against that cache: the perplexity of the continuation.
     """
+    res = perplexity_many(bundle, text, [methods], window=window, context=context, max_windows=max_windows,
+                          progress=progress)[0]
+    if isinstance(res, MethodError):
+        raise res
+    return res
+
+
+def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512, context: int | None = None,
+                    max_windows: int | None = 8, progress: bool = True) -> list[PerplexityResult | MethodError]:
+    """``perplexity`` of each method list on the same windows, window by window (lists acting only
+    after the prefill share each window's dense prefill); a weight-quantized list runs alone with
+    its weights swapped in once. A refused list gets its ``MethodError``."""
     chunks = _windows(bundle, text, window, context, max_windows)
-    nll_sum, count, kv, ms, methods = 0.0, 0, [], [], list(methods)
-    with applied(bundle, methods) as quantized:
-        for w in tqdm(range(len(chunks)), desc=f"ppl {bundle.name}", disable=not progress, mininterval=2):
-            chunk = chunks[w][None]
-            if context is None:
-                p = engine.prefill(bundle, Inputs(chunk), methods, all_logits=True, sample_index=w)
-                logits, targets = p.logits[:-1], chunk[0, 1:]
+    lists = [list(ms) for ms in method_lists]
+    shared = [k for k, ms in enumerate(lists) if not any(m.quantizes_weights for m in ms)]
+    acc = {k: [] for k in range(len(lists))}  # per list: (nll sum, tokens, kv bytes, prefill ms) per window
+    out: list = [None] * len(lists)
+    for w in tqdm(range(len(chunks)), desc=f"ppl {bundle.name}", disable=not progress or not shared, mininterval=2):
+        live = [k for k in shared if out[k] is None]
+        for k, p in zip(live, _window_prefills(bundle, chunks[w][None], [lists[k] for k in live], context, w)):
+            if isinstance(p, MethodError):
+                out[k] = p
             else:
-                p = engine.prefill(bundle, Inputs(chunk[:, :context]), methods, sample_index=w)
-                cont = engine.extend(bundle, p.cache, chunk[:, context:], p.next_position)
-                logits = torch.cat([p.logits[-1:], cont[:-1]])
-                targets = chunk[0, context:]
-            kv.append(p.trace.kv_bytes)
-            ms.append(p.trace.timings["prefill_ms"])
-            nll_sum += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-            count += targets.numel()
-    nll = nll_sum / count
-    return PerplexityResult(math.exp(nll), nll, count, len(chunks), statistics.fmean(kv), statistics.median(ms),
-                            quantized.weight_bits if quantized else float("nan"))
+                acc[k].append(_window_nll(bundle, p, chunks[w][None], context))
+    for k in (k for k in range(len(lists)) if k not in shared):
+        try:
+            with applied(bundle, lists[k]) as quantized:
+                for w in range(len(chunks)):
+                    p = next(_window_prefills(bundle, chunks[w][None], [lists[k]], context, w))
+                    if isinstance(p, MethodError):
+                        raise p
+                    acc[k].append(_window_nll(bundle, p, chunks[w][None], context))
+            out[k] = _ppl_result(acc[k], quantized.weight_bits)
+        except MethodError as e:
+            out[k] = e
+    return [out[k] or _ppl_result(acc[k]) for k in range(len(lists))]
+
+
+def _window_prefills(bundle, chunk: torch.Tensor, lists: list, context: int | None, w: int):
+    if context is None:
+        return engine.prefills(bundle, Inputs(chunk), lists, all_logits=True, sample_index=w)
+    return engine.prefills(bundle, Inputs(chunk[:, :context]), lists, sample_index=w)
+
+
+def _window_nll(bundle, p, chunk: torch.Tensor, context: int | None) -> tuple[float, int, int, float]:
+    """(summed NLL, tokens scored, KV bytes, prefill ms) of one window from its prefill ``p``."""
+    if context is None:
+        logits, targets = p.logits[:-1], chunk[0, 1:]
+    else:
+        cont = engine.extend(bundle, p.cache, chunk[:, context:], p.next_position)
+        logits, targets = torch.cat([p.logits[-1:], cont[:-1]]), chunk[0, context:]
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    return nll, targets.numel(), p.trace.kv_bytes, p.trace.timings["prefill_ms"]
+
+
+def _ppl_result(windows: list[tuple], weight_bits: float = float("nan")) -> PerplexityResult:
+    nll = sum(w[0] for w in windows) / sum(w[1] for w in windows)
+    return PerplexityResult(math.exp(nll), nll, sum(w[1] for w in windows), len(windows),
+                            statistics.fmean(w[2] for w in windows), statistics.median(w[3] for w in windows),
+                            weight_bits)
 
 
 # --- grids -----------------------------------------------------------------------------------------
@@ -230,22 +304,17 @@ def _setting(cfg, params: dict) -> dict:
     return {"budget" if k == "budget" else "keep_ratio": params[k]}
 
 
-def _point(bundle, methods, samples, text, ppl_kw) -> dict:
-    """Metrics of one grid point: accuracy on ``samples`` or perplexity of ``text``."""
-    row = {}
-    wq = [m for m in methods if m.quantizes_weights]
-    if wq:
-        t = time.perf_counter()
-        qw = quantized_weights(bundle, wq[0])
-        row.update(quantize_s=time.perf_counter() - t, weight_bits=qw.weight_bits, packed_bytes=qw.packed_bytes,
-                   outliers=qw.outliers)
+def _measure(bundle, lists: list, samples, text, ppl_kw) -> list:
     if samples is not None:
-        res = evaluate(bundle, samples, methods, progress=False)
-        row.update(res.metrics(), image_tokens_layer0=statistics.fmean(r["image_tokens"] for r in res.rows))
-    else:
-        r = perplexity(bundle, text, methods, progress=False, **ppl_kw)
-        row.update(perplexity=r.perplexity, nll=r.nll, kv_bytes=r.kv_bytes, tokens=r.n_tokens, prefill_ms=r.prefill_ms)
-    return row
+        return evaluate_many(bundle, samples, lists, progress=False)
+    return perplexity_many(bundle, text, lists, progress=False, **ppl_kw)
+
+
+def _metrics(res) -> dict:
+    if isinstance(res, EvalResult):
+        return {**res.metrics(), "image_tokens_layer0": statistics.fmean(r["image_tokens"] for r in res.rows)}
+    return {"perplexity": res.perplexity, "nll": res.nll, "kv_bytes": res.kv_bytes, "tokens": res.n_tokens,
+            "prefill_ms": res.prefill_ms}
 
 
 def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseline: bool = True, window: int = 512,
@@ -257,24 +326,35 @@ def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseli
     ``configs``: ``{"method": name, **params}`` dicts (e.g. ``knob_points(methods, values)``),
     ``{"label": ..., "methods": [...]}``, or method lists. With ``baseline`` the unmodified model
     comes first (method ``none``, setting 1.0) and ``flops_ratio`` = its FLOPs / each row's. A
-    setting the rule refuses here (``MethodError``) becomes a row with its ``error``."""
+    setting the rule refuses here (``MethodError``) becomes a row with its ``error``.
+
+    The configurations without weight quantization run together, sample by sample (those whose
+    methods act only after the prefill share each sample's dense prefill and scores), so their
+    ``seconds`` is their batch's wall-clock divided among them; a weight configuration is timed alone."""
     import pandas as pd
 
     if (text is None) == (samples is None):
         raise MethodError("grid needs exactly one of samples= (accuracy) or text= (perplexity)")
     ppl_kw = dict(window=window, context=context, max_windows=max_windows)
-    rows = []
-    for cfg in tqdm(([{"method": "none"}] if baseline else []) + list(configs), desc=f"grid {bundle.name}",
-                    disable=not progress):
+    points = ([{"method": "none"}] if baseline else []) + list(configs)
+    rows, lists = [], {}
+    for k, cfg in enumerate(points):
         label, params = _describe(cfg)
-        row = {"method": label, **{k: ("ch" if k == "group_size" and v is None else v) for k, v in params.items()}}
-        t = time.perf_counter()
+        shown = {p: ("ch" if p == "group_size" and v is None else v) for p, v in params.items()}
+        rows.append({"method": label, **shown})
         try:
-            row.update(_setting(cfg, params))
-            row.update(_point(bundle, _methods(cfg), samples, text, ppl_kw), seconds=time.perf_counter() - t)
-        except MethodError as e:  # a setting the rule refuses on these inputs (e.g. budget below SnapKV's window)
-            row["error"] = str(e)
-        rows.append(row)
+            rows[k].update(_setting(cfg, params))
+            lists[k] = _methods(cfg)
+        except MethodError as e:
+            rows[k]["error"] = str(e)
+    batch = [k for k, ms in lists.items() if not any(m.quantizes_weights for m in ms)]
+    t = time.perf_counter()
+    results = _measure(bundle, [lists[k] for k in batch], samples, text, ppl_kw) if batch else []
+    for k, res in zip(batch, results):
+        rows[k].update({"error": str(res)} if isinstance(res, MethodError) else _metrics(res))
+        rows[k]["seconds"] = (time.perf_counter() - t) / len(batch)
+    for k in tqdm([k for k in lists if k not in batch], desc=f"grid {bundle.name}", disable=not progress):
+        rows[k].update(_weight_point(bundle, lists[k], samples, text, ppl_kw))
     df = pd.DataFrame(rows)
     if baseline:
         for col in ("keep_ratio", "budget"):
@@ -283,6 +363,20 @@ def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseli
         if "tflops" in df:
             df["flops_ratio"] = df.tflops[df.method == "none"].iloc[0] / df.tflops
     return df
+
+
+def _weight_point(bundle, methods: list, samples, text, ppl_kw) -> dict:
+    """A weight-quantized configuration: its one-time quantization (timed), then its evaluation."""
+    t = time.perf_counter()
+    try:
+        qw = quantized_weights(bundle, next(m for m in methods if m.quantizes_weights))
+        row = {"quantize_s": time.perf_counter() - t, "weight_bits": qw.weight_bits, "packed_bytes": qw.packed_bytes,
+               "outliers": qw.outliers}
+        res = _measure(bundle, [methods], samples, text, ppl_kw)[0]
+    except MethodError as e:
+        return {"error": str(e)}
+    return {**row, **({"error": str(res)} if isinstance(res, MethodError) else _metrics(res)),
+            "seconds": time.perf_counter() - t}
 
 
 # --- per-layer statistics -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mmlab.arch import Adapter, Inputs, adapter_class
+from mmlab.arch.base import field_of
 from mmlab.arch.tiny_llava import CHECKPOINT_DIR
 from mmlab.methods.base import MethodError
 
@@ -94,8 +95,11 @@ class Bundle:
         """Tokenise a sample: ``data.shapes.Sample``, ``{"images": [...], "question": str}``, a question
         string (chat template applied where the model has one), ``{"prompt": str}`` (raw text), or
         ``{"context": str, "question": str}``. With ``query_after=True`` the question's tokens are
-        fed after the context's prefill and its methods (``Inputs.context_len``)."""
-        return self.adapter.encode(sample)
+        fed after the context's prefill and its methods (``Inputs.context_len``). A sample's own
+        ``max_new_tokens`` (e.g. a pass code's length) bounds its answer."""
+        inputs = self.adapter.encode(sample)
+        inputs.max_new_tokens = field_of(sample, "max_new_tokens")
+        return inputs
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

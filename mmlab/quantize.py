@@ -29,6 +29,7 @@ import torch
 from mmlab.engine import prefill
 from mmlab.methods.base import MethodError
 from mmlab.models import set_active_weights
+from mmlab.threads import follow as follow_threads
 
 _BLOCK = re.compile(r"^(.*\.layers\.\d+)\.")
 
@@ -172,6 +173,7 @@ class WeightContext:
     def _forward_with_hooks(self, names: list[str], calib, on_input) -> None:
         """Run each calibration sample until every linear in ``names`` has seen its input: the block's
         layer alone where the block is a layer of a stack, otherwise the model up to the block."""
+        follow_threads()
         m = _BLOCK.match(names[0])
         layer_inputs = self._layer_inputs(m.group(1), calib) if m else None
         for i, s in enumerate(calib):

@@ -2,7 +2,7 @@
 numbers to the sweep runner.
 
 Inside a sweep, the runner sets ``MMLAB_RECORD_PATH`` for the notebook's kernel; each
-call merges the metrics into that JSON file (written atomically). Outside a sweep the
+call merges the metrics into that JSON file (written atomically), with the kernel's peak RSS. Outside a sweep the
 metrics are kept in ``recorded()`` and nothing is written.
 """
 
@@ -32,12 +32,20 @@ def _plain(name: str, value):
     raise TypeError(f"record(): {name} must be a number, string, bool or None, got {type(value).__name__}")
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _write() -> None:
     path = os.environ.get(ENV)
     if path:
         p = Path(path)
         current = json.loads(p.read_text()) if p.exists() else {}
         current.update(_session)
+        current["peak_rss_mb"] = peak_rss_mb()  # the kernel's memory high-water mark at its last record
         tmp = p.with_suffix(".tmp")
         tmp.write_text(json.dumps(current, indent=1))
         tmp.replace(p)

@@ -67,6 +67,7 @@ class Inputs:
     # tokens [0, context_len) are prefilled (methods act there); the rest, the question, is fed
     # after the prefill's methods (e.g. KV compression of a long context before the query arrives)
     context_len: int | None = None
+    max_new_tokens: int | None = None  # the sample's own answer length limit (else the model's)
 
     def model_kwargs(self) -> dict:
         """What the stock ``model(...)`` / ``generate(...)`` takes besides ``input_ids``."""
@@ -154,9 +155,17 @@ class Adapter:
         """(cos, sin) for ``layer`` at ``positions`` (one rotary table for every layer here)."""
         return self.decoder.rotary_emb(hidden, positions)
 
+    def rotary_key(self, layer: int):
+        """Layers with the same key share one rotary table (one for all here)."""
+        return None
+
     def rotary_tables(self, hidden: torch.Tensor, positions: torch.Tensor) -> list:
-        """(cos, sin) of every layer for tokens that enter all layers alike (decoding): computed once."""
-        return [self.rotary(hidden, positions, 0)] * len(self.layers)
+        """(cos, sin) of every layer for tokens that enter all layers alike (decoding): one per table."""
+        tables: dict = {}
+        for i in range(len(self.layers)):
+            if self.rotary_key(i) not in tables:
+                tables[self.rotary_key(i)] = self.rotary(hidden, positions, i)
+        return [tables[self.rotary_key(i)] for i in range(len(self.layers))]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head of ``hidden`` (1, q, d) -> (q, vocab) float."""

@@ -27,10 +27,8 @@ class Gemma3Text(Adapter):
     def rotary(self, hidden, positions, layer: int):
         return self.decoder.rotary_emb(hidden, positions, self.decoder.config.layer_types[layer])
 
-    def rotary_tables(self, hidden, positions) -> list:
-        types = self.decoder.config.layer_types
-        tables = {t: self.decoder.rotary_emb(hidden, positions, t) for t in set(types)}
-        return [tables[t] for t in types]
+    def rotary_key(self, layer: int):
+        return self.decoder.config.layer_types[layer]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         out = super().logits(hidden)

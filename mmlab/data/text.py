@@ -77,17 +77,20 @@ class TextQA:
     uid: str = ""
     match: str = "contains"
     query_after: bool = True  # the question is fed after the context's KV is compressed
+    max_new_tokens: int | None = None  # the answer's length limit (None: the model's default)
 
     def __repr__(self) -> str:
         return f"TextQA({self.uid!r}, {len(self.context)} chars, {self.question!r} -> {self.answer!r})"
 
 
 def needle(tokenizer, lengths=(512, 1024), depths=(0.1, 0.5, 0.9), per_cell: int = 2, seed: int = 0,
-           query_after: bool = True) -> list[TextQA]:
+           query_after: bool = True, max_new_tokens: int | None = 16) -> list[TextQA]:
     """Pass-code retrieval: ``per_cell`` prompts for every (length, depth). Each context is
     ``length`` tokens of the offline corpus (a random stretch) with "The secret pass code is
     NNNNN." inserted at relative ``depth``; the question asks for the code. ``qtype`` is
-    ``L{length}-d{depth}``."""
+    ``L{length}-d{depth}``. Answers stop after ``max_new_tokens``: SmolLM2's full reply "The secret
+    pass code is NNNNN." is 12 tokens, and on the kv_cache sweep's 18 prompts x 41 settings a limit
+    of 16 gave the same accuracy as 32 in every setting while decoding 35% fewer tokens."""
     if any(not 0 <= d <= 1 for d in depths) or any(n < 16 for n in lengths) or per_cell < 1:
         raise ValueError(f"depths must be in [0, 1], lengths >= 16 tokens and per_cell >= 1; "
                          f"got depths={depths}, lengths={lengths}, per_cell={per_cell}")
@@ -105,5 +108,5 @@ def needle(tokenizer, lengths=(512, 1024), depths=(0.1, 0.5, 0.9), per_cell: int
                 context = f"{filler[:cut]} The secret pass code is {code}. {filler[cut:]}"
                 out.append(TextQA(context, "What is the secret pass code? Answer with the number only.", code,
                                   f"L{length}-d{depth}", f"needle-{seed}-{length}-{depth}-{k}",
-                                  query_after=query_after))
+                                  query_after=query_after, max_new_tokens=max_new_tokens))
     return out

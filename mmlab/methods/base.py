@@ -78,6 +78,8 @@ class RunContext(Protocol):
 
     def attention(self, layer: int, queries=None) -> torch.Tensor: ...  # softmax of attention_logits
 
+    def attention_received(self, layer: int) -> torch.Tensor: ...  # (heads, k) summed over all queries, memoised
+
 
 class LiveTokens(Protocol):
     """``tokens`` of ``before_layer`` (``mmlab.engine.Tokens``)."""

@@ -38,7 +38,7 @@ def kv_head_scores(probs: torch.Tensor, kv_heads: int, reduce: str = "sum") -> t
 
 def accumulated_attention(ctx, layer: int, kv_heads: int) -> torch.Tensor:
     """H2O's score: attention each cached token received, summed over every prompt query (kv heads, n)."""
-    return kv_head_scores(ctx.attention(layer).sum(1), kv_heads)
+    return kv_head_scores(ctx.attention_received(layer), kv_heads)
 
 
 def top_with_window(scores: torch.Tensor, n_keep: int, window: int) -> torch.Tensor:

@@ -298,15 +298,20 @@ class AWQ(CalibratedQuant):
                     wctx.set(n, wq, storage_bits(self.bits, self.group_size, w.shape, self.sym))
 
     def search_scale(self, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
+        """The alpha of the grid whose scales give the lowest output error mean((x dW^T)^2), summed over
+        the group's linears. The error is read off the inputs' Gram matrix, tr(dW X^T X dW^T) / (N out),
+        which is the same quantity at in/N of the cost of forming x dW^T."""
         x_mean = x.abs().mean(0)
-        ref = [x @ w.T for w in ws]
+        gram = x.T @ x
         best, best_s = float("inf"), torch.ones_like(x_mean)
         for k in range(self.grid):
             alpha = k / self.grid
             s = x_mean.pow(alpha).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            err = sum(float(((x @ (rtn(w * s, self.bits, self.group_size, self.sym) / s).T - r) ** 2).mean())
-                      for w, r in zip(ws, ref))
+            err = 0.0
+            for w in ws:
+                dw = rtn(w * s, self.bits, self.group_size, self.sym) / s - w
+                err += float(((dw @ gram) * dw).sum()) / (x.shape[0] * w.shape[0])
             if err < best:
                 best, best_s = err, s
         return best_s
