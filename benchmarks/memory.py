@@ -43,7 +43,7 @@ def sweeps(runs: Path) -> None:
                 r = json.loads(f.read_text())
             except ValueError:
                 continue
-            if "peak_rss_mb" in r.get("metrics", {}):
+            if isinstance(r, dict) and "peak_rss_mb" in r.get("metrics", {}):  # (reproduce/ holds lists)
                 peaks.append((r["metrics"]["peak_rss_mb"], r["run_id"]))
         if peaks:
             mb, rid = max(peaks)

@@ -152,6 +152,67 @@ def test_calibrated_methods_on_tiny_llava(tiny, test_samples):
     assert mmlab.run(tiny, test_samples[0], [get("awq", bits=3, calib_samples=4)]).answer
 
 
+def test_awq_calibrates_on_full_precision_inputs_shared_across_configs(tiny):
+    """AWQ searches every layer on the full-precision model's activations (llm-awq's run_awq takes a
+    layer's outputs before its scales and clips apply), so every AWQ config of a model shares them: a
+    second config reads them from the first and computes the same weights as it does alone."""
+    from mmlab import quantize
+
+    quantize._SHARED_INPUTS.clear()
+    quantized_weights(tiny, get("awq", bits=2, group_size=32, calib_samples=4))
+    wctx = WeightContext(tiny, "llm")
+    block, xs = wctx.blocks[1], []
+    hook = wctx.linears[block[0]].register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    for s in wctx.calibration(4, 512):
+        mmlab.prefill(tiny, s)  # the full-precision model
+    hook.remove()
+    x = torch.cat(xs)
+    x = x[torch.linspace(0, len(x) - 1, min(2048, len(x))).long()]
+    shared = quantize._SHARED_INPUTS[tiny.model]["blocks"][tuple(block)][block[0]]
+    torch.testing.assert_close(shared, x, rtol=1e-5, atol=1e-6)  # not the 2-bit predecessors' outputs
+    three = get("awq", bits=3, group_size=32, calib_samples=4)
+    reused = quantized_weights(tiny, three)
+    quantize._SHARED_INPUTS.clear()
+    quantize._STATE[tiny.model]["cache"].clear()
+    alone = quantized_weights(tiny, three)
+    assert reused is not alone and all(torch.equal(reused.weights[n], alone.weights[n]) for n in alone.weights)
+
+
+def test_mixllm_gradients_shared_across_configs(tiny):
+    """MixLLM's loss gradients come from the full-precision model, so its configs share them; a shared
+    run gives the same weights as a fresh one."""
+    from mmlab import quantize
+
+    quantize._SHARED_GRADIENTS.clear()
+    quantized_weights(tiny, get("mixllm", bits=4, group_size=32, calib_samples=2))
+    held = quantize._SHARED_GRADIENTS[tiny.model][1]
+    three = get("mixllm", bits=3, group_size=32, calib_samples=2)
+    reused = quantized_weights(tiny, three)
+    assert quantize._SHARED_GRADIENTS[tiny.model][1] is held
+    quantize._SHARED_GRADIENTS.clear()
+    quantize._STATE[tiny.model]["cache"].clear()
+    alone = quantized_weights(tiny, three)
+    assert all(torch.equal(reused.weights[n], alone.weights[n]) for n in alone.weights)
+
+
+def test_calibration_runs_on_pinned_threads(tiny, monkeypatch):
+    """Weights are computed on CALIBRATION_THREADS threads whatever the runner offers (last-bit BLAS
+    differences between thread counts change GPTQ's rounding cascade), and the count is restored."""
+    from mmlab import quantize
+
+    seen = []
+    monkeypatch.setattr(quantize, "CALIBRATION_THREADS", 1)
+    monkeypatch.setattr(get("rtn").__class__, "quantize_weights",
+                        lambda self, wctx: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        quantized_weights(tiny, get("rtn", bits=5, group_size=None))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_vision_tower_is_quantized_separately(tiny):
     llm = quantized_weights(tiny, get("rtn", bits=4, group_size=None, targets="llm")).weights
     vis = quantized_weights(tiny, get("rtn", bits=4, group_size=None, targets="vision")).weights

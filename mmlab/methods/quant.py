@@ -277,7 +277,8 @@ class AWQ(CalibratedQuant):
     """AWQ (Lin et al., MLSys 2024): protect salient input channels by scaling them up
     before quantization, s = mean|x|^alpha (normalised), with alpha grid-searched per group of
     linears sharing an input to minimise the output error; the scale is folded back
-    (Q(W diag s) diag s^-1). Then (``clip``) the per-group clipping range is searched too."""
+    (Q(W diag s) diag s^-1). Then (``clip``) the per-group clipping range is searched too.
+    Every layer searches on the full-precision model's activations (llm-awq ``run_awq``)."""
 
     name: ClassVar[str] = "awq"
     grid: int = 20
@@ -286,16 +287,18 @@ class AWQ(CalibratedQuant):
     def quantize_weights(self, wctx) -> None:
         self.check_shapes(wctx)
         calib = wctx.calibration(self.calib_samples, self.calib_len)
-        for block in wctx.blocks:
-            inputs = wctx.inputs(block, calib, max_tokens=2048)
+        done = {}  # written at the end: every block searches on full-precision inputs, as AWQ's run_awq
+        for block in wctx.blocks:  # (which takes a layer's outputs before its scales and clips are applied)
+            inputs = wctx.inputs(block, calib, max_tokens=2048)  # shared by every AWQ config of the model
             for names in _shared_input_groups(block, inputs):
                 x = inputs[names[0]]
                 ws = [wctx.linears[n].weight.float() for n in names]
                 s = self.search_scale(x, ws)
                 for n, w in zip(names, ws):
                     clip = self.clip and not any(k in n for k in ("q_proj", "k_proj"))  # AWQ skips q/k
-                    wq = self.quantize_scaled(w * s, x / s, clip) / s
-                    wctx.set(n, wq, storage_bits(self.bits, self.group_size, w.shape, self.sym))
+                    done[n] = self.quantize_scaled(w * s, x / s, clip) / s
+        for n, wq in done.items():
+            wctx.set(n, wq, storage_bits(self.bits, self.group_size, wq.shape, self.sym))
 
     def search_scale(self, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
         """The alpha of the grid whose scales give the lowest output error mean((x dW^T)^2), summed over
