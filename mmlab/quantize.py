@@ -115,9 +115,8 @@ class Calibration(list):
         self.key = key
 
 
-SHARED_INPUT_BYTES = 2 << 30  # full-precision calibration inputs kept per model (AWQ: ~0.8 GiB for smollm2)
-_SHARED_INPUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_SHARED_GRADIENTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # MixLLM's, likewise
+SHARED_BYTES = 2 << 30  # full-precision calibration statistics kept per model (AWQ's inputs: ~0.8 GiB for smollm2)
+_SHARED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {"key", "items", "bytes"}
 
 
 class WeightContext:
@@ -238,24 +237,26 @@ class WeightContext:
 
     def inputs(self, names: list[str], calib, max_tokens: int = 2048) -> dict[str, torch.Tensor]:
         """Calibration inputs (tokens, in_features) per linear; linears reading the same tensor share
-        one object (AWQ groups them). Evenly subsampled to ``max_tokens`` rows. While no weight has
-        been set they are the full-precision model's, and are kept (up to ``SHARED_INPUT_BYTES`` per
-        model) for every later context on the same model, targets and calibration set."""
-        shared = None
-        if not self.storage_bits and isinstance(calib, Calibration):
-            key = (self.model_name, tuple(self.linears), calib.key, max_tokens)
-            shared = _SHARED_INPUTS.get(self.bundle.model)
-            if shared is None or shared["key"] != key:
-                shared = _SHARED_INPUTS[self.bundle.model] = {"key": key, "blocks": {}, "bytes": 0}
-            if tuple(names) in shared["blocks"]:
-                return shared["blocks"][tuple(names)]
-        out = self._collect_inputs(names, calib, max_tokens)
-        if shared is not None:
-            size = sum(tensor_bytes(t) for t in {id(t): t for t in out.values()}.values())
-            if shared["bytes"] + size <= SHARED_INPUT_BYTES:
-                shared["blocks"][tuple(names)] = out
-                shared["bytes"] += size
-        return out
+        one object (AWQ groups them). Evenly subsampled to ``max_tokens`` rows (``shared``)."""
+        return self._shared(("inputs", tuple(names), max_tokens), calib,
+                            lambda: self._collect_inputs(names, calib, max_tokens))
+
+    def _shared(self, item: tuple, calib, compute):
+        """``compute()``, kept for every later context on the same model, targets and calibration set
+        while it is a full-precision statistic (no weight set yet), up to ``SHARED_BYTES`` per model."""
+        if self.storage_bits or not isinstance(calib, Calibration):
+            return compute()
+        key = (self.model_name, tuple(self.linears), calib.key)
+        store = _SHARED.get(self.bundle.model)
+        if store is None or store["key"] != key:
+            store = _SHARED[self.bundle.model] = {"key": key, "items": {}, "bytes": 0}
+        if item not in store["items"]:
+            value = compute()
+            size = sum(tensor_bytes(t) for t in {id(t): t for t in value.values()}.values())
+            if store["bytes"] + size > SHARED_BYTES:
+                return value
+            store["items"][item], store["bytes"] = value, store["bytes"] + size
+        return store["items"][item]
 
     def _collect_inputs(self, names: list[str], calib, max_tokens: int) -> dict[str, torch.Tensor]:
         chunks: dict[str, list[torch.Tensor]] = {}
@@ -275,17 +276,8 @@ class WeightContext:
 
     def gradients(self, calib) -> dict[str, torch.Tensor]:
         """Mean gradient of the calibration language-modelling loss w.r.t. each target weight; on the
-        full-precision model (no weight set yet) kept, as ``inputs``, for later contexts."""
-        if self.storage_bits or not isinstance(calib, Calibration):
-            return self._gradients(calib)
-        key = ("gradients", self.model_name, tuple(self.linears), calib.key)
-        held = _SHARED_GRADIENTS.get(self.bundle.model)
-        if held is None or held[0] != key:
-            grads = self._gradients(calib)
-            if sum(tensor_bytes(g) for g in grads.values()) > SHARED_INPUT_BYTES:
-                return grads
-            held = _SHARED_GRADIENTS[self.bundle.model] = (key, grads)
-        return held[1]
+        full-precision model (``shared``)."""
+        return self._shared(("gradients",), calib, lambda: self._gradients(calib))
 
     def _gradients(self, calib) -> dict[str, torch.Tensor]:
         model = self.bundle.model

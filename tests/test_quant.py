@@ -158,7 +158,7 @@ def test_awq_calibrates_on_full_precision_inputs_shared_across_configs(tiny):
     second config reads them from the first and computes the same weights as it does alone."""
     from mmlab import quantize
 
-    quantize._SHARED_INPUTS.clear()
+    quantize._SHARED.clear()
     quantized_weights(tiny, get("awq", bits=2, group_size=32, calib_samples=4))
     wctx = WeightContext(tiny, "llm")
     block, xs = wctx.blocks[1], []
@@ -168,11 +168,11 @@ def test_awq_calibrates_on_full_precision_inputs_shared_across_configs(tiny):
     hook.remove()
     x = torch.cat(xs)
     x = x[torch.linspace(0, len(x) - 1, min(2048, len(x))).long()]
-    shared = quantize._SHARED_INPUTS[tiny.model]["blocks"][tuple(block)][block[0]]
+    shared = quantize._SHARED[tiny.model]["items"][("inputs", tuple(block), 2048)][block[0]]
     torch.testing.assert_close(shared, x, rtol=1e-5, atol=1e-6)  # not the 2-bit predecessors' outputs
     three = get("awq", bits=3, group_size=32, calib_samples=4)
     reused = quantized_weights(tiny, three)
-    quantize._SHARED_INPUTS.clear()
+    quantize._SHARED.clear()
     quantize._STATE[tiny.model]["cache"].clear()
     alone = quantized_weights(tiny, three)
     assert reused is not alone and all(torch.equal(reused.weights[n], alone.weights[n]) for n in alone.weights)
@@ -183,13 +183,13 @@ def test_mixllm_gradients_shared_across_configs(tiny):
     run gives the same weights as a fresh one."""
     from mmlab import quantize
 
-    quantize._SHARED_GRADIENTS.clear()
+    quantize._SHARED.clear()
     quantized_weights(tiny, get("mixllm", bits=4, group_size=32, calib_samples=2))
-    held = quantize._SHARED_GRADIENTS[tiny.model][1]
+    held = quantize._SHARED[tiny.model]["items"][("gradients",)]
     three = get("mixllm", bits=3, group_size=32, calib_samples=2)
     reused = quantized_weights(tiny, three)
-    assert quantize._SHARED_GRADIENTS[tiny.model][1] is held
-    quantize._SHARED_GRADIENTS.clear()
+    assert quantize._SHARED[tiny.model]["items"][("gradients",)] is held
+    quantize._SHARED.clear()
     quantize._STATE[tiny.model]["cache"].clear()
     alone = quantized_weights(tiny, three)
     assert all(torch.equal(reused.weights[n], alone.weights[n]) for n in alone.weights)
