@@ -35,6 +35,8 @@ from pathlib import Path
 import yaml
 
 from mmlab.figures import git_commit
+from mmlab.methods.base import MethodError
+from mmlab.methods.base import parse as parse_methods
 from mmlab.recording import ENV as RECORD_ENV
 from mmlab.recording import ROWS
 from mmlab.threads import ENV as THREADS_ENV
@@ -122,6 +124,11 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     if bad:
         raise SweepError(f"{path}: parameter(s) {bad} not in the parameters cell of {spec['notebook']}; "
                          f"valid: {', '.join(sorted(known))}")
+    for spec_str in [v for v in grid.get("methods", []) + [params.get("methods")] if isinstance(v, str)]:
+        try:  # a method spec string ("divprune(keep_ratio=0.098)+snapkv(budget=0.5)") is checked before any run
+            parse_methods(spec_str)
+        except MethodError as e:
+            raise SweepError(f"{path}: {e}") from None
     timeout, estimate = spec.get("timeout", 1800), spec.get("estimate", 60)
     for what, v in (("timeout", timeout), ("estimate", estimate)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:

@@ -58,7 +58,9 @@ def cmd_train_tiny(args) -> int:
 def cmd_eval(args) -> int:
     import mmlab
 
-    methods = [mmlab.methods.get(args.method, **_parse_params(args.param))] if args.method else []  # fail fast
+    methods = mmlab.methods.parse(args.methods)  # fail fast, before loading
+    if args.method:
+        methods.append(mmlab.methods.get(args.method, **_parse_params(args.param)))
     b = mmlab.load(args.model)
     if not b.multimodal:
         from mmlab.data.text import offline_corpus
@@ -169,7 +171,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")
     p.add_argument("--model", default="tiny-llava")
-    p.add_argument("--method", help="a registered method name")
+    p.add_argument("--methods", default="", help='method spec, e.g. "divprune(keep_ratio=0.098)+snapkv(budget=0.5)"')
+    p.add_argument("--method", help="a registered method name (appended to --methods)")
     p.add_argument("--param", action="append", default=[], help="method parameter name=value (repeatable)")
     p.add_argument("--n-samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)

@@ -98,6 +98,8 @@ class Bundle:
         fed after the context's prefill and its methods (``Inputs.context_len``). A sample's own
         ``max_new_tokens`` (e.g. a pass code's length) bounds its answer."""
         inputs = self.adapter.encode(sample)
+        if self.model.device.type != "cpu" or self.model.dtype != torch.float32:
+            inputs = inputs.to(self.model.device, self.model.dtype)
         inputs.max_new_tokens = field_of(sample, "max_new_tokens")
         return inputs
 
@@ -205,7 +207,7 @@ def _load_smollm2() -> Bundle:
     return Bundle.from_model(model, AutoTokenizer.from_pretrained(out), name="smollm2-135m", max_new_tokens=32)
 
 
-def _load_hf(name: str) -> Bundle:
+def _load_hf(name: str, dtype, device, attn: str | None) -> Bundle:
     import transformers
     from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
@@ -214,18 +216,37 @@ def _load_hf(name: str) -> Bundle:
         raise MethodError(f"{name}: encoder-decoder models are not supported; use a decoder-only LM or a "
                           f"supported VLM")
     acls = adapter_class(cfg.model_type)
-    model = getattr(transformers, acls.hf_class).from_pretrained(name, attn_implementation="sdpa", dtype="auto",
-                                                                 device_map="auto")
+    model = getattr(transformers, acls.hf_class).from_pretrained(
+        name, attn_implementation=attn or "sdpa", dtype=dtype or "auto", device_map=device or "auto")
     if acls.multimodal:
         proc = AutoProcessor.from_pretrained(name)
         return Bundle.from_model(model, proc.tokenizer, proc, name=name)
     return Bundle.from_model(model, AutoTokenizer.from_pretrained(name), name=name)
 
 
-def load(name: str) -> Bundle:
-    """Load ``tiny-llava``, ``smollm2-135m``, or any supported Hugging Face id / local path."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise MethodError(f"dtype {dtype!r} is not supported; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | None = None,
+         attn_implementation: str | None = None) -> Bundle:
+    """Load ``tiny-llava``, ``smollm2-135m``, or any supported Hugging Face id / local path.
+
+    ``dtype`` (float32 / float16 / bfloat16; default: the checkpoint's own, float32 for the embedded
+    models), ``device`` (e.g. ``cuda:0``; default: accelerate's placement for checkpoints, CPU for the
+    embedded models) and ``attn_implementation`` (default ``sdpa``: the engine recomputes the
+    attention maps methods score with, so ``eager`` is only needed to compare against).
+    """
     from transformers.utils import logging as hf_logging
 
+    dt = _dtype(dtype)
     t0 = time.perf_counter()
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar on every load is noise
@@ -235,9 +256,14 @@ def load(name: str) -> Bundle:
         elif name == "smollm2-135m":
             b = _load_smollm2()
         else:
-            b = _load_hf(name)
+            b = _load_hf(name, dt, device, attn_implementation)
     finally:
         if bar:
             hf_logging.enable_progress_bar()
+    if name in EMBEDDED or name.startswith("tiny-llava"):
+        if attn_implementation and attn_implementation != "sdpa":
+            b.model.set_attn_implementation(attn_implementation)
+        if dt is not None or device is not None:
+            b.model.to(device=device, dtype=dt)
     b.load_seconds = time.perf_counter() - t0
     return b

@@ -23,6 +23,7 @@ architecture. Adding one = a file here with a registered subclass, a tiny random
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -68,6 +69,16 @@ class Inputs:
     # after the prefill's methods (e.g. KV compression of a long context before the query arrives)
     context_len: int | None = None
     max_new_tokens: int | None = None  # the sample's own answer length limit (else the model's)
+
+    def to(self, device, dtype: torch.dtype) -> "Inputs":
+        """On the model's device, floating-point pixels in the model's dtype (ids stay integers)."""
+        def move(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+        return dataclasses.replace(self, input_ids=move(self.input_ids), pixel_values=move(self.pixel_values),
+                                   extra={k: move(v) for k, v in self.extra.items()})
 
     def model_kwargs(self) -> dict:
         """What the stock ``model(...)`` / ``generate(...)`` takes besides ``input_ids``."""

@@ -2,6 +2,6 @@
 is the parameter a sweep varies."""
 
 from mmlab.methods import kv_cache, mod, quant, token_pruning  # noqa: F401  (register their methods)
-from mmlab.methods.base import Method, MethodError, available, get, knob, method_class, register
+from mmlab.methods.base import Method, MethodError, available, get, knob, method_class, parse, register, spec
 
-__all__ = ["Method", "MethodError", "available", "get", "knob", "method_class", "register"]
+__all__ = ["Method", "MethodError", "available", "get", "knob", "method_class", "parse", "register", "spec"]

@@ -42,6 +42,7 @@ sample (pruned sequences of different lengths are never padded into a batch).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from typing import Any, ClassVar, Protocol
 
@@ -216,6 +217,53 @@ def get(name: str, **params) -> Method:
         raise MethodError(f"{name} has no parameter {', '.join(sorted(unknown))}; "
                           f"valid: {', '.join(sorted(fields)) or 'none'}")
     return cls(**params)
+
+
+def parse(spec: str | None) -> list[Method]:
+    """Methods from one spec string, the syntax shared by the CLI, sweeps and the benchmark plugins:
+    ``divprune(keep_ratio=0.098)+snapkv(budget=0.5)``; a bare name takes the paper's defaults;
+    ``""`` / ``none`` / ``dense`` is no method. Values are Python literals."""
+    text = (spec or "").strip()
+    if text.lower() in ("", "none", "dense"):
+        return []
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        raise MethodError(f"method spec {spec!r} is not valid; write name(param=value)+name(...), "
+                          f"e.g. divprune(keep_ratio=0.098)+snapkv(budget=0.5)") from None
+    terms = []
+    while isinstance(tree, ast.BinOp) and isinstance(tree.op, ast.Add):
+        terms.insert(0, tree.right)
+        tree = tree.left
+    return [_parse_term(t, spec) for t in [tree, *terms]]
+
+
+def _parse_term(node: ast.AST, spec: str) -> Method:
+    if isinstance(node, ast.Name):
+        return get(node.id)
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise MethodError(f"method spec {spec!r}: {ast.unparse(node)!r} is not name(param=value, ...)")
+    if node.args:
+        raise MethodError(f"method spec {spec!r}: give {node.func.id}'s parameters by name "
+                          f"(e.g. {node.func.id}({knob_hint(node.func.id)}=...)), not by position")
+    params = {}
+    for kw in node.keywords:
+        try:
+            params[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            raise MethodError(f"method spec {spec!r}: {node.func.id}'s {kw.arg}={ast.unparse(kw.value)} is "
+                              f"not a literal (number, string, True/False, None, list)") from None
+    return get(node.func.id, **params)
+
+
+def knob_hint(name: str) -> str:
+    return method_class(name).knob or "param"
+
+
+def spec(methods) -> str:
+    """The spec string of a list of methods (``parse(spec(ms))`` rebuilds them); ``none`` for no method."""
+    return "+".join(f"{m.name}({', '.join(f'{k}={v!r}' for k, v in m.params().items())})" for m in methods) \
+        or "none"
 
 
 def knob(name: str) -> str:
