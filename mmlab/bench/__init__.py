@@ -116,3 +116,30 @@ def lmms_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | 
                           log_samples=False)
     meta = {"model": lm.bundle.name, "methods": lm.server.costs.meta["methods"], "limit": limit}
     return pd.DataFrame(_rows(out, lm.server.costs.by_task(), meta))
+
+
+def lm_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | float | None = None,
+            include_path: list[str] | str | None = None, num_fewshot: int | None = None, **model_args):
+    """Run lm-evaluation-harness ``tasks`` with the ``mmlab`` text model (``mmlab.bench.lm_model``)
+    on ``model`` under ``methods``; a DataFrame like ``lmms_eval``'s, with each task's costs."""
+    try:
+        from lm_eval.evaluator import simple_evaluate
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise _missing("lm-eval") from None
+    import pandas as pd
+
+    from mmlab.bench.lm_model import MMLabLM
+
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    manager = TaskManager("ERROR", include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; see `lm-eval ls tasks`, or add their folder with "
+                         f"include_path")
+    lm = MMLabLM(pretrained=model, methods=methods, **model_args)
+    lm.costs_path = Path(tempfile.mkdtemp(prefix="mmlab-costs-")) / "costs.json"
+    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, num_fewshot=num_fewshot,
+                          log_samples=False)
+    meta = {"model": lm.bundle.name, "methods": lm.server.costs.meta["methods"], "limit": limit}
+    return pd.DataFrame(_rows(out, lm.server.costs.by_task(), meta))

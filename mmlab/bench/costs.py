@@ -12,6 +12,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,17 @@ def summarise(rows: list[dict]) -> dict:
         out[k] = statistics.median(vals) if vals else float("nan")
     out["tflops"] = out["prefill_flops"] / 1e12
     return out
+
+
+def cli_output_path() -> Path | None:
+    """The harness's ``--output_path`` when it runs from its command line (the sidecar goes next to it)."""
+    argv = sys.argv
+    for i, a in enumerate(argv):
+        if a == "--output_path" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if a.startswith("--output_path="):
+            return Path(a.split("=", 1)[1])
+    return None
 
 
 @dataclass

@@ -17,15 +17,14 @@ CLI's ``--output_path``, else the working directory).
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm.auto import tqdm
 
+from mmlab.bench.costs import cli_output_path
 from mmlab.bench.serve import Server
 from mmlab.methods.base import MethodError, parse
 from mmlab.models import Bundle, load
@@ -34,27 +33,27 @@ ARGS = ("pretrained", "methods", "dtype", "device", "attn_implementation", "max_
         "chat_template", "costs", "batch_size", "max_batch_size")
 
 
-def manifest() -> ModelManifest:
-    """The entry point's payload: lmms-eval's v2 registry imports the class only when it is asked for."""
-    return ModelManifest(model_id="mmlab", simple_class_path="mmlab.bench.lmms_model.MMLab")
-
-
-def _cli_output_path() -> Path | None:
-    """lmms-eval's ``--output_path`` when it runs from its command line (the sidecar goes next to it)."""
-    argv = sys.argv
-    for i, a in enumerate(argv):
-        if a == "--output_path" and i + 1 < len(argv):
-            return Path(argv[i + 1])
-        if a.startswith("--output_path="):
-            return Path(a.split("=", 1)[1])
-    return None
-
-
 def _flat(visuals) -> list:
     out = []
     for v in visuals or []:
         out.extend(v if isinstance(v, (list, tuple)) else [v])
     return out
+
+
+class Scored(str):
+    """One loglikelihood answer, ``(nll, is_greedy)``, typed as ``str``: lmms-eval 0.7.3's evaluator
+    passes strings through and turns anything else that is not a generation into ``str(output)``
+    (``api/instance.py: unwrap_generation_output``), which breaks every multiple-choice task; a str
+    that unpacks to the pair survives it. The value is the negative log-likelihood (sum over the
+    continuation's tokens): lmms-eval's multiple-choice scoring takes the argmin (its models return losses)."""
+
+    def __new__(cls, nll: float, greedy: bool):
+        obj = super().__new__(cls, f"({nll}, {greedy})")
+        obj.pair = (nll, greedy)
+        return obj
+
+    def __iter__(self):
+        return iter(self.pair)
 
 
 class MMLab(lmms):
@@ -78,7 +77,7 @@ class MMLab(lmms):
                     owner.chat_template = chat_template
         self.server = Server(bundle, ms, max_new_tokens=None if max_new_tokens is None else int(max_new_tokens),
                              query_after=bool(query_after))
-        out = _cli_output_path()
+        out = cli_output_path()
         stamp = time.strftime("%Y%m%d_%H%M%S")
         self.costs_path = Path(costs) if costs else (out or Path(".")) / f"mmlab_costs_{stamp}.json"
 
@@ -107,7 +106,7 @@ class MMLab(lmms):
         self.server.costs.write(self.costs_path)
         return out
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests) -> list[Scored]:
         out = []
         with self.server.session():
             for req in tqdm(requests, desc="mmlab scoring", disable=len(requests) < 2):
@@ -115,7 +114,8 @@ class MMLab(lmms):
                 doc = self._doc(task, split, doc_id)
                 continuation = target if isinstance(target, str) else target(doc)
                 images = _flat(doc_to_visual(doc))
-                out.append(self.server.loglikelihood(task, doc_id, images, context, continuation))
+                logp, greedy = self.server.loglikelihood(task, doc_id, images, context, continuation)
+                out.append(Scored(-logp, greedy))
         self.server.costs.write(self.costs_path)
         return out
 
