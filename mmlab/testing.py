@@ -26,7 +26,9 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def word_tokenizer(image_token: str = "<image>") -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(_SPECIAL + vocabulary())}
+    # the processors' video placeholders get ids of their own (else they alias <unk>, and every
+    # unknown word of a real benchmark prompt would count as a video token)
+    vocab = {w: i for i, w in enumerate(_SPECIAL + vocabulary() + ["<video>", "<|video_pad|>"])}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

@@ -144,7 +144,10 @@ process_results: {T}.scienceqa.utils.sqa_process_results
 metric_list:
   - {{metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true, ignore_punctuation: true}}
 lmms_eval_specific_kwargs:
-  default: {{format: default, pre_prompt: "", post_prompt: "\\nAnswer with the option's letter from the given choices directly."}}
+  default:
+    format: default
+    pre_prompt: ""
+    post_prompt: "\\nAnswer with the option's letter from the given choices directly."
 """
     (root / "fixture_sqa_img.yaml").write_text(_yaml("fixture_sqa_img", {"test": root / "sqa.parquet"}, body))
     return "fixture_sqa_img"

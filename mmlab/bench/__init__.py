@@ -132,7 +132,7 @@ def lm_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | fl
     from mmlab.bench.lm_model import MMLabLM
 
     tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    manager = TaskManager("ERROR", include_path=include_path)
+    manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}; see `lm-eval ls tasks`, or add their folder with "

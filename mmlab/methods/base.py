@@ -224,6 +224,8 @@ def parse(spec: str | None) -> list[Method]:
     ``divprune(keep_ratio=0.098)+snapkv(budget=0.5)``; a bare name takes the paper's defaults;
     ``""`` / ``none`` / ``dense`` is no method. Values are Python literals."""
     text = (spec or "").strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # quoted on a command line (lmms-eval model_args)
+        text = text[1:-1].strip()
     if text.lower() in ("", "none", "dense"):
         return []
     try:
