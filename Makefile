@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test reproduce train-tiny bench browser hooks clean
+.PHONY: install bench-deps test reproduce train-tiny bench bench-gpu browser hooks clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,17 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP) browser
+# lm-eval + lmms-eval, pinned (tested: lm-eval 0.4.13, lmms-eval 0.7.3). lmms-eval goes in without its
+# declared dependencies (torchvision would pull a CUDA torch); the `bench` extra lists what it needs.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q --no-deps "lmms-eval==0.7.3"
+	touch $(BENCH_STAMP)
+
+bench-deps: $(BENCH_STAMP)
+
+test: $(STAMP) $(BENCH_STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests
 
@@ -51,6 +61,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/decode_speed.py
 	$(PY) benchmarks/quant_speed.py
 	$(PY) benchmarks/kvpress_compare.py   # creates .venv-kvpress (kvpress pins an older transformers)
+
+# prefill / decode speed and peak memory of LLaVA-1.5-7B under each pruning method (skips without a GPU)
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu_llava.py
 
 clean:
 	rm -rf $(VENV) .venv-kvpress *.egg-info .pytest_cache
