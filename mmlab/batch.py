@@ -55,6 +55,7 @@ class Sweep:
     parameters: dict = field(default_factory=dict)
     timeout: float = 1800.0
     estimate: float = 60.0  # expected seconds per run, for scheduling and the ETA
+    paper: dict = field(default_factory=dict)  # a paper recipe's reference numbers (``check_paper``)
 
     def runs(self) -> list[tuple[str, dict]]:
         """(run id, full parameters) for every point of the grid, in grid order."""
@@ -95,10 +96,10 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     if not isinstance(spec, dict):
         raise SweepError(f"{path}: expected a mapping with keys notebook, grid, parameters, output, timeout, "
                          f"estimate")
-    unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout", "estimate"}
+    unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout", "estimate", "paper"}
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; "
-                         f"valid: notebook, grid, parameters, output, timeout, estimate")
+                         f"valid: notebook, grid, parameters, output, timeout, estimate, paper")
     if "notebook" not in spec:
         raise SweepError(f"{path}: missing 'notebook:' (the .ipynb to run)")
     nb = root / str(spec["notebook"])
@@ -135,7 +136,31 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
             raise SweepError(f"{path}: {what} must be a positive number of seconds, got {v!r}")
     name = path.stem
     output = root / str(spec.get("output") or f"runs/{name}")
-    return Sweep(name, nb, output, grid, params, float(timeout), float(estimate))
+    return Sweep(name, nb, output, grid, params, float(timeout), float(estimate), check_paper(path, spec.get("paper")))
+
+
+PAPER_ROW_KEYS = {"tasks", "methods", "metric", "value", "relative", "note"}
+
+
+def check_paper(path: Path, paper) -> dict:
+    """A recipe's ``paper:`` block: ``source`` (where the numbers come from) and ``rows``, each the
+    paper's ``value`` of ``metric`` for ``methods`` (a spec) on ``tasks``; ``relative: true`` when the
+    value is % of the unmodified model's score averaged over those tasks."""
+    if paper is None:
+        return {}
+    if not isinstance(paper, dict) or not isinstance(paper.get("source"), str) or not isinstance(
+            paper.get("rows"), list):
+        raise SweepError(f"{path}: 'paper' must map source: <text> and rows: [<reference rows>]")
+    for i, row in enumerate(paper["rows"]):
+        bad = set(row) - PAPER_ROW_KEYS if isinstance(row, dict) else {"(not a mapping)"}
+        if bad or not {"tasks", "methods", "metric", "value"} <= set(row):
+            raise SweepError(f"{path}: paper row {i} needs tasks, methods, metric, value (optional relative, "
+                             f"note); got {sorted(row) if isinstance(row, dict) else row!r}")
+        try:
+            parse_methods(row["methods"])
+        except MethodError as e:
+            raise SweepError(f"{path}: paper row {i}: {e}") from None
+    return paper
 
 
 KERNEL = "mmlab-venv"

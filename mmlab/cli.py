@@ -100,9 +100,33 @@ def cmd_collect(args) -> int:
 def cmd_figures(args) -> int:
     from mmlab.report import build_figures, write_tables
 
-    for p in build_figures(args.runs, args.out) + write_tables(args.runs):
+    for p in build_figures(args.runs, args.out) + write_tables(args.runs) + write_paper_tables(args.runs):
         print(p)
     return 0
+
+
+def write_paper_tables(runs_root: str, recipes: str = "sweeps/paper", out: str = "papers/results") -> list:
+    """``papers/results/paper_NAME.md``: each recipe's paper numbers beside ours, once its runs are collected."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from mmlab.batch import load_sweep
+    from mmlab.report import paper_table
+
+    written = []
+    for y in sorted(Path(recipes).glob("*.yaml")):
+        sweep = load_sweep(y)
+        table = sweep.output / "results.csv"
+        if not table.exists():
+            print(f"skip paper vs ours for {y.stem}: no {table} (run `mmlab sweep {y}` on a GPU with the hub)")
+            continue
+        df = paper_table(sweep.paper, pd.read_csv(table))
+        p = Path(out) / f"paper_{y.stem}.md"
+        p.write_text(f"# {y.stem}: paper vs ours\n\nPaper: {sweep.paper['source']}. Ours: `{table}`.\n\n"
+                     + df.to_markdown(index=False, floatfmt=".4g") + "\n")
+        written.append(p)
+    return written
 
 
 def cmd_reproduce(args) -> int:

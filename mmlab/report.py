@@ -386,6 +386,79 @@ def routed_tokens(df: pd.DataFrame):
     return fig
 
 
+def _main_metric_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Each benchmark run's first (main) metric per task, with its method family (``none`` = dense)."""
+    if "status" in df:
+        df = df[df.status == "ok"]
+    if df.empty or "metric" not in df:
+        raise NoRows("no benchmark rows")
+    if "run_id" not in df:  # one run's own table (the notebook) rather than a collected sweep
+        df = df.assign(run_id="run")
+    rows = df.groupby(["run_id", "task"], sort=False).head(1).copy()
+    rows["family"] = rows.methods.fillna("none").str.replace(r"\(.*", "", regex=True)
+    return rows
+
+
+def bench_accuracy_vs_tflops(df: pd.DataFrame):
+    """Each benchmark task's main metric against the LLM's prefill TFLOPs, one line per method family
+    (mean cost of the task's answers); the dense model as a star. Titles give the sample count."""
+    import matplotlib.pyplot as plt
+
+    rows = _main_metric_rows(df)
+    tasks = list(dict.fromkeys(rows.task))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.3), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        t = rows[rows.task == task]
+        for fam, g in t[t.family != "none"].groupby("family"):
+            g = g.sort_values("tflops")
+            ax.plot(g.tflops * 1e6, g.value, marker="o", label=fam)
+        dense = t[t.family == "none"]
+        if len(dense):
+            ax.plot(dense.tflops * 1e6, dense.value, marker="*", ms=12, color="k", ls="", label="no method")
+        ax.set_xlabel("LLM prefill MFLOPs per answer")
+        ax.set_ylabel(t.metric.iloc[0])
+        ax.set_title(f"{t.model.iloc[0]} on {task} (n={int(t.n.max())} per run)", fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _ours(df: pd.DataFrame, tasks: list[str], methods: str, metric: str) -> dict[str, float]:
+    """Per task, our value of ``metric`` (``main``: the task's first metric) under ``methods``
+    (mean over repeated runs)."""
+    if metric == "main":  # each task's first (main) metric, whatever its name
+        df = df.groupby(["run_id", "task"], sort=False).head(1)
+    else:
+        df = df[df.metric == metric]
+    rows = df[(df.methods == methods) & df.task.isin(tasks)]
+    return rows.groupby("task").value.mean().to_dict()
+
+
+def paper_table(paper: dict, df: pd.DataFrame | None) -> pd.DataFrame:
+    """A recipe's reference rows beside ours (empty cells until its runs exist): absolute values as
+    they are, ``relative`` rows as % of the unmodified model's score averaged over the tasks."""
+    from mmlab.methods.base import parse, spec
+
+    if df is not None and "status" in df:
+        df = df[df.status == "ok"]
+    out = []
+    for row in paper["rows"]:
+        tasks = [row["tasks"]] if isinstance(row["tasks"], str) else list(row["tasks"])
+        methods = spec(parse(row["methods"]))
+        ours, n = float("nan"), 0
+        if df is not None and "metric" in df:
+            got = _ours(df, tasks, methods, row["metric"])
+            base = _ours(df, tasks, "none", row["metric"]) if row.get("relative") else {}
+            if row.get("relative"):
+                ratios = [100 * got[t] / base[t] for t in tasks if t in got and base.get(t)]
+                ours, n = (float(np.mean(ratios)), len(ratios)) if ratios else (ours, 0)
+            elif got:
+                ours, n = float(np.mean([got[t] for t in tasks if t in got])), len(got)
+        out.append({"tasks": ", ".join(tasks), "methods": methods, "metric": row["metric"] + (
+            " (% of no method)" if row.get("relative") else ""), "paper": row["value"], "ours": ours,
+            "tasks measured": f"{n}/{len(tasks)}", "note": row.get("note", "")})
+    return pd.DataFrame(out)
+
+
 FIGURES = {
     "baseline_random_accuracy": ("baseline_random", baseline_random_accuracy),
     "token_pruning_accuracy": ("token_pruning", pruning_accuracy),
@@ -403,6 +476,7 @@ FIGURES = {
     "03_arank": ("mod_ratios", arank_layers),
     "03_mod_accuracy": ("mod_ratios", mod_accuracy),
     "03_routed_tokens": ("mod_ratios", routed_tokens),
+    "benchmarks_accuracy_vs_tflops": ("benchmarks", bench_accuracy_vs_tflops),
 }
 
 

@@ -208,3 +208,35 @@ def test_lm_eval_refuses_image_methods_on_text(smol, tmp_path):
     task = bench_fixtures.write_piqa(tmp_path)
     with pytest.raises(MethodError, match="text-only samples but divprune prunes visual tokens"):
         bench.lm_eval(smol, [task], "divprune(keep_ratio=0.5)", include_path=str(tmp_path), limit=1)
+
+
+# --- paper recipes -----------------------------------------------------------------------------
+CARDS = ("fastv", "divprune", "aim", "lookm", "kvmerger", "p-mod", "gamma-mod", "llama3-lowbit", "bf16-or-death",
+         "mixllm", "slim-llm", "spqr")
+ROOT = Path(__file__).parents[1]
+
+
+def test_every_card_has_a_recipe_that_loads():
+    from mmlab.batch import load_sweep
+
+    for card in CARDS:
+        sweep = load_sweep(ROOT / "sweeps" / "paper" / f"{card}.yaml", root=ROOT)
+        assert sweep.paper["rows"] and sweep.output == ROOT / "runs" / "paper" / card
+        assert f"sweeps/paper/{card}.yaml" in (ROOT / "papers" / f"{card}.md").read_text(), card
+
+
+def test_paper_table_puts_ours_beside_the_paper():
+    import pandas as pd
+
+    from mmlab.report import paper_table
+
+    paper = {"source": "s", "rows": [{"tasks": ["a", "b"], "methods": "divprune(keep_ratio=0.5)", "metric": "main",
+                                      "value": 98.0, "relative": True},
+                                     {"tasks": "a", "methods": "none", "metric": "acc", "value": 0.6}]}
+    rows = [("r0", "a", "none", "acc", 0.8), ("r0", "a", "none", "f1", 0.1), ("r0", "b", "none", "em", 0.5),
+            ("r1", "a", "divprune(keep_ratio=0.5)", "acc", 0.6), ("r1", "b", "divprune(keep_ratio=0.5)", "em", 0.5)]
+    df = pd.DataFrame(rows, columns=["run_id", "task", "methods", "metric", "value"]).assign(status="ok")
+    t = paper_table(paper, df)
+    assert t.ours.tolist() == pytest.approx([100 * (0.6 / 0.8 + 0.5 / 0.5) / 2, 0.8])
+    assert t["tasks measured"].tolist() == ["2/2", "1/1"]
+    assert paper_table(paper, None).ours.isna().all()

@@ -43,7 +43,8 @@ RECORDS = {"00_baseline.ipynb": ({"accuracy", "tflops", "kv_bytes", "acc_color",
            "03_mod_ratios.ipynb": ({"arank_chosen", "target_retention", "dense_accuracy", "arank_l0"},
                                    {"arank", "configs", "routed"}),
            "04_quantization.ipynb": (set(), {"weights", "weights_activations", "tiny_llava", "kv_cache"}),
-           "05_explorer.ipynb": (set(), set())}
+           "05_explorer.ipynb": (set(), set()),
+           "06_benchmarks.ipynb": (set(), {"mmlab_shapes"})}
 
 
 def _sweep_of(nb: Path) -> str | None:

@@ -89,7 +89,7 @@ def _rows(results: dict, costs: dict, meta: dict) -> list[dict]:
 
 
 def lmms_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | float | None = None,
-              include_path: list[str] | str | None = None, **model_args):
+              include_path: list[str] | str | None = None, seed: int = 0, **model_args):
     """Run lmms-eval ``tasks`` with the ``mmlab`` model on ``model`` (a name / path, or a loaded Bundle)
     under ``methods`` (a spec string); returns a DataFrame, one row per (task, metric), with each
     task's answer costs (visual tokens, TFLOPs, KV bytes, prefill / decode ms, n). mmlab's own tasks
@@ -113,13 +113,14 @@ def lmms_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | 
     lm = MMLab(pretrained=model, methods=methods, **model_args)
     lm.costs_path = Path(tempfile.mkdtemp(prefix="mmlab-costs-")) / "costs.json"
     out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, verbosity="ERROR",
-                          log_samples=False)
+                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
     meta = {"model": lm.bundle.name, "methods": lm.server.costs.meta["methods"], "limit": limit}
     return pd.DataFrame(_rows(out, lm.server.costs.by_task(), meta))
 
 
 def lm_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | float | None = None,
-            include_path: list[str] | str | None = None, num_fewshot: int | None = None, **model_args):
+            include_path: list[str] | str | None = None, num_fewshot: int | None = None, seed: int = 0,
+            **model_args):
     """Run lm-evaluation-harness ``tasks`` with the ``mmlab`` text model (``mmlab.bench.lm_model``)
     on ``model`` under ``methods``; a DataFrame like ``lmms_eval``'s, with each task's costs."""
     try:
@@ -140,6 +141,6 @@ def lm_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | fl
     lm = MMLabLM(pretrained=model, methods=methods, **model_args)
     lm.costs_path = Path(tempfile.mkdtemp(prefix="mmlab-costs-")) / "costs.json"
     out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, num_fewshot=num_fewshot,
-                          log_samples=False)
+                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
     meta = {"model": lm.bundle.name, "methods": lm.server.costs.meta["methods"], "limit": limit}
     return pd.DataFrame(_rows(out, lm.server.costs.by_task(), meta))
