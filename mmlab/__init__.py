@@ -22,6 +22,8 @@ own layer's package base); imports point one way and never in a circle
     evaluate                  run / prefill with the swap, evaluate, perplexity, grid
     recording, figures        mmlab.record, figures with provenance
     viz                       drawings read from Traces, the explorer
+    bench                     lmms-eval / lm-eval models over the engine, answer costs, mmlab's lmms-eval tasks
+                              (imports its harness only when used; ``import mmlab`` never does)
     report, batch, testing    report figures / tables from collected sweeps, sweeps, tiny random models
     tiny                      embedded-model training
     cli                       the command line
@@ -54,6 +56,7 @@ MODULE_ORDER = [
     ["evaluate"],
     ["recording", "figures"],
     ["viz"],
+    ["bench"],
     ["report", "batch", "testing"],
     ["tiny"],
     ["cli"],

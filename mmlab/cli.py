@@ -1,4 +1,4 @@
-"""``mmlab`` command line: info | train-tiny | eval | sweep | collect | figures | reproduce."""
+"""``mmlab`` command line: info | train-tiny | eval | sweep | collect | figures | reproduce | bench-tasks."""
 
 from __future__ import annotations
 
@@ -85,6 +85,14 @@ def cmd_sweep(args) -> int:
     if not args.no_collect:
         collect(sweep.output)
     return min(counts["failed"], 100)  # the exit code says how many runs failed
+
+
+def cmd_bench_tasks(args) -> int:
+    """Print the folder of mmlab's lmms-eval tasks (written on first use), for ``--include_path``."""
+    from mmlab.bench import tasks_dir
+
+    print(tasks_dir(args.root))
+    return 0
 
 
 def cmd_collect(args) -> int:
@@ -217,6 +225,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-collect", action="store_true", help="do not write results.csv / .parquet at the end")
     p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("bench-tasks", help="write mmlab's lmms-eval tasks (mmlab_shapes, ...) and print their "
+                                            "folder, for lmms-eval --include_path")
+    p.add_argument("--root", default=None, help="parent folder (default $MMLAB_CACHE/lmms_tasks)")
+    p.set_defaults(fn=cmd_bench_tasks)
 
     p = sub.add_parser("collect", help="gather a sweep's runs into results.csv and results.parquet")
     p.add_argument("run_dir", help="runs/NAME")
