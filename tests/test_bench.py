@@ -240,3 +240,28 @@ def test_paper_table_puts_ours_beside_the_paper():
     assert t.ours.tolist() == pytest.approx([100 * (0.6 / 0.8 + 0.5 / 0.5) / 2, 0.8])
     assert t["tasks measured"].tolist() == ["2/2", "1/1"]
     assert paper_table(paper, None).ours.isna().all()
+
+
+def test_every_method_runs_in_bfloat16_and_bytes_follow_the_dtype():
+    """Nothing assumes float32: a bfloat16 LLaVA takes every method (scores are computed in float32
+    inside them), and KV bytes are counted in the model's dtype."""
+    import torch
+
+    from mmlab.testing import random_bundle
+
+    s = mmlab.data.shapes(1)[0]
+    b32 = random_bundle("llava")
+    dense32 = mmlab.run(b32, s, [], max_new_tokens=2)
+    b16 = random_bundle("llava")
+    b16.model.to(torch.bfloat16)
+    dense16 = mmlab.run(b16, s, [], max_new_tokens=2)
+    assert dense16.kv_bytes * 2 == dense32.kv_bytes and dense16.prefill_flops == dense32.prefill_flops
+    fixed = {"snapkv": "snapkv(budget=0.5, window=4, kernel=1)"}
+    for name in mmlab.methods.available():
+        if name == "mod_trained":  # needs trained routers (tiny-llava-pmod / -gmod)
+            continue
+        cls = mmlab.methods.method_class(name)
+        text = fixed.get(name) or (f"{name}(group_size=32)" if "group_size" in cls.__dataclass_fields__
+                                   and name not in ("kivi", "spqr", "act_quant") else name)
+        tr = mmlab.run(b16, s, parse(text), max_new_tokens=2)
+        assert tr.kv_bytes > 0 and tr.answer_ids, text
