@@ -57,7 +57,8 @@ class KVCache:
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=-2)
         if self.quantized[layer_idx] is not None:  # de-quantized on the fly; only the codes stay held
             qk, qv = self.quantized[layer_idx].dequantize()
-            return torch.cat([qk, self.keys[layer_idx]], -2), torch.cat([qv, self.values[layer_idx]], -2)
+            k, v = self.keys[layer_idx], self.values[layer_idx]
+            return (k if qk is None else torch.cat([qk, k], -2)), (v if qv is None else torch.cat([qv, v], -2))
         return self.keys[layer_idx], self.values[layer_idx]
 
     def lengths(self) -> list[int]:

@@ -519,35 +519,48 @@ class _Packed:
 
 
 class QuantizedKV:
-    """One layer's quantized KV prefix, KIVI's layout: keys per channel (groups of tokens),
-    values per token (groups of channels), appended chunk by chunk."""
+    """One layer's quantized KV prefix, KIVI's layout: keys per channel (groups of tokens) and values
+    per token (groups of channels), appended chunk by chunk. Keys and values are quantized on their
+    own schedules (KIVI's), so the prefix may hold more keys than values; ``keys[i]`` / ``values[i]``
+    then hold the rest of each in full precision, and both sides always add up to the same length."""
 
     def __init__(self, bits: int, group_size: int):
-        self.bits, self.group_size, self.chunks, self.length = bits, group_size, [], 0
+        self.bits, self.group_size = bits, group_size
+        self.key_chunks, self.value_chunks, self.key_length, self.value_length = [], [], 0, 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    @property
+    def length(self) -> int:
+        """Tokens whose keys are quantized (the cache's lengths() count keys)."""
+        return self.key_length
+
+    def append_keys(self, k: torch.Tensor) -> None:
         # keys (1, h, n, d): quantize along tokens for each channel -> group the transposed tensor
-        self.chunks.append((_Packed(k.transpose(-1, -2), self.bits, self.group_size),
-                            _Packed(v, self.bits, self.group_size)))
-        self.length += k.shape[-2]
+        self.key_chunks.append(_Packed(k.transpose(-1, -2), self.bits, self.group_size))
+        self.key_length += k.shape[-2]
 
-    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ks = [kc.dequantize().transpose(-1, -2) for kc, _ in self.chunks]
-        vs = [vc.dequantize() for _, vc in self.chunks]
-        return torch.cat(ks, -2), torch.cat(vs, -2)
+    def append_values(self, v: torch.Tensor) -> None:
+        self.value_chunks.append(_Packed(v, self.bits, self.group_size))
+        self.value_length += v.shape[-2]
+
+    def dequantize(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        ks = [c.dequantize().transpose(-1, -2) for c in self.key_chunks]
+        vs = [c.dequantize() for c in self.value_chunks]
+        return (torch.cat(ks, -2) if ks else None), (torch.cat(vs, -2) if vs else None)
 
     def nbytes(self) -> int:
-        return sum(kc.nbytes() + vc.nbytes() for kc, vc in self.chunks)
+        return sum(c.nbytes() for c in self.key_chunks + self.value_chunks)
 
 
 @register
 @dataclass
 class KIVI(Method):
-    """KIVI (Liu et al., ICML 2024): asymmetric KV-cache quantization, keys per channel
-    (groups of ``group_size`` tokens), values per token (groups of ``group_size`` channels);
-    the most recent ``residual`` .. ``residual + group_size`` tokens stay in full precision
-    and move into the quantized part one group at a time while decoding. Codes are packed
-    into bytes with fp16 scales and minima, so the cache bytes really shrink."""
+    """KIVI (Liu et al., ICML 2024): asymmetric KV-cache quantization, keys per channel (groups of
+    ``group_size`` tokens), values per token (groups of ``group_size`` channels), codes packed into
+    bytes with fp16 scales and minima. Full-precision window as the official code
+    (jy-yuan/KIVI, ``models/llama_kivi.py``): after the prefill of n tokens, keys are quantized up to
+    n - n % R (the last n % R stay full precision: none when R divides n) and exactly the last R values
+    stay full precision; while decoding, the full-precision keys are quantized together once R have
+    gathered, and values one token at a time once more than R are held (R = ``residual``)."""
 
     name: ClassVar[str] = "kivi"
     family: ClassVar[str] = "quantization"
@@ -567,24 +580,31 @@ class KIVI(Method):
             raise MethodError(f"{self.name}: residual (full-precision recent tokens) must be an integer >= 0, "
                               f"got {self.residual!r}")
 
-    def _flush(self, cache) -> None:
-        """Per layer, move whole groups of the oldest full-precision tokens into the quantized
-        part while at least ``residual`` stay in full precision."""
+    def full_precision(self, n_keys: int, n_values: int) -> tuple[int, int]:
+        """How many of the oldest full-precision keys / values to quantize now (KIVI's rule)."""
+        r = self.residual
+        return (n_keys if r == 0 else n_keys - n_keys % r), max(0, n_values - r)
+
+    def _quantize(self, cache) -> None:
         for layer, k in enumerate(cache.keys):
             if k is None:
                 continue
             v = cache.values[layer]
-            n_q = (k.shape[-2] - self.residual) // self.group_size * self.group_size
-            if n_q <= 0:
+            n_k, n_v = self.full_precision(k.shape[-2], v.shape[-2])
+            if n_k <= 0 and n_v <= 0:
                 continue
             if cache.quantized[layer] is None:
                 cache.quantized[layer] = QuantizedKV(self.bits, self.group_size)
-            for s in range(0, n_q, self.group_size):
-                cache.quantized[layer].append(k[:, :, s:s + self.group_size], v[:, :, s:s + self.group_size])
-            cache.keys[layer], cache.values[layer] = k[:, :, n_q:].contiguous(), v[:, :, n_q:].contiguous()
+            q = cache.quantized[layer]
+            if n_k > 0:
+                q.append_keys(k[:, :, :n_k])
+                cache.keys[layer] = k[:, :, n_k:].contiguous()
+            if n_v > 0:  # per-token groups: a chunk of tokens gives the codes of one token at a time
+                q.append_values(v[:, :, :n_v])
+                cache.values[layer] = v[:, :, n_v:].contiguous()
 
     def after_prefill(self, ctx, cache) -> None:
-        self._flush(cache)
+        self._quantize(cache)
 
     def decode_step(self, ctx, step: int, cache) -> None:
-        self._flush(cache)
+        self._quantize(cache)
