@@ -91,16 +91,23 @@ def test_cache_bytes_really_shrink(smol):
 
 
 def _merge_reference(keys, values, kept, merge):
-    """LOOK-M's merges written with loops: one head, one evicted token at a time."""
+    """LOOK-M's merges written with loops: one head, one evicted token at a time. The weighted
+    filter is the official one, shared by the heads: the j-th eviction joins when its similarity
+    averaged over heads reaches the mean over all heads and evictions."""
     h, n, d = keys.shape[1:]
+    per_head = []
+    for head in range(h):
+        kk, keep = keys[0, head], kept[head].tolist()
+        ev = [j for j in range(n) if j not in keep]
+        per_head.append(torch.stack([F.cosine_similarity(kk[j][None], kk[keep], dim=-1) for j in ev]).max(-1))
+    all_best = torch.stack([b for b, _ in per_head])  # (h, e)
+    joins = all_best.mean(0) >= all_best.mean()
     k_out, v_out = [], []
     for head in range(h):
         kk, vv = keys[0, head], values[0, head]
         keep = kept[head].tolist()
         ev = [j for j in range(n) if j not in keep]
-        sims = torch.stack([F.cosine_similarity(kk[j][None], kk[keep], dim=-1) for j in ev])
-        best, target = sims.max(-1)
-        mean = best.mean()
+        best, target = per_head[head]
         acc_k = [kk[c].clone() for c in keep]
         acc_v = [vv[c].clone() for c in keep]
         cnt = [1.0] * len(keep)
@@ -112,7 +119,7 @@ def _merge_reference(keys, values, kept, merge):
             elif merge == "pivotal":
                 acc_k[t] += (kk[j] + kk[keep[t]]) / 2
                 acc_v[t] += (vv[j] + vv[keep[t]]) / 2
-            elif best[e] >= mean:  # weighted
+            elif joins[e]:  # weighted
                 acc_k[t] += best[e] * kk[j]
                 acc_v[t] += best[e] * vv[j]
             else:

@@ -51,3 +51,61 @@ def test_kivi_decode_schedule_matches_the_official_rule():
         assert keys.shape[-2] == values.shape[-2] == 201 + step  # both sides add up to every token
         n_k, n_v = _full_precision(c)
     assert c.quantized[0].key_length == 256  # 200 -> 128 quantized at prefill, then 128 more once gathered
+
+
+def test_gptq_symmetric_rounding_divides_as_the_official_code():
+    """IST-DASLab/gptq, quant.py: ``q = clamp(round(x / scale) + zero, 0, maxq)`` with
+    ``scale = 2 max|x| / maxq`` and ``zero = (maxq + 1) / 2`` when symmetric. 4 bits, one row, H = I
+    (no error to propagate): scale = 7 / 15; 0.7 / scale is exactly 1.5 (rounds to 2), while
+    0.7 * (1 / scale) is 1.4999999 (rounds to 1). Ties round half to even (-4.5 -> -4, 4.5 -> 4)."""
+    from mmlab.methods.quant import gptq, rtn
+
+    w = torch.tensor([[-2.1, 2.2, 1.8, -0.6, 0.7, 2.1, -2.0, -3.5]])
+    q, _, _ = gptq(w, torch.eye(8), 4, None, True)
+    scale = 2 * 3.5 / 15
+    assert torch.equal(torch.round(q / scale), torch.tensor([[-4.0, 5, 4, -1, 2, 4, -4, -8]]))
+    # RTN keeps torchao's arithmetic (times the reciprocal), which lands on 1 at that tie
+    assert torch.round(rtn(w, 4, None, True) / scale)[0, 4] == 1
+
+
+def _unit(c: float) -> list[float]:
+    """A 4-d key at cosine ``c`` from e1."""
+    return [c, (1 - c * c) ** 0.5, 0.0, 0.0]
+
+
+def test_lookm_weighted_filter_is_shared_across_heads():
+    """SUSTechBruce/LOOK-M, kv_token_merge/modify_llama.py (WeightedMergeKVCache_LayerWise):
+    ``filter_indices = (max_values.mean(1) >= max_values.mean())``: the j-th evicted token of every
+    head joins the merge when its best similarity averaged over heads reaches the mean over all heads
+    and evictions; it is added scaled by that similarity, (k_c + sum s_e k_e) / (1 + n_c).
+    3 heads, token 0 kept, tokens 1 and 2 evicted with similarities h0 (0.9, 0.1), h1 (0.8, 0.2),
+    h2 (0.3, 0.7): slot means 0.667 / 0.333 against 0.5, so slot 1 joins in every head (a per-head
+    filter would have taken slot 2 in head 2)."""
+    from mmlab.methods.kv_cache import merge_into_kept
+
+    sims = [(0.9, 0.1), (0.8, 0.2), (0.3, 0.7)]
+    keys = torch.tensor([[[1.0, 0, 0, 0], _unit(a), _unit(b)] for a, b in sims])[None]  # (1, 3, 3, 4)
+    values = torch.tensor([[[1.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, 100.0, 0]]] * 3)[None]
+    k, v = merge_into_kept(keys, values, torch.zeros(3, 1, dtype=torch.long), "weighted")
+    for h, (a, _) in enumerate(sims):
+        assert torch.allclose(v[0, h, 0], torch.tensor([1.0, 10 * a, 0, 0]) / 2), h
+        assert torch.allclose(k[0, h, 0], (torch.tensor([1.0, 0, 0, 0]) + a * torch.tensor(_unit(a))) / 2)
+
+
+def test_lookm_official_text_prior_keeps_every_text_token():
+    """modify_llama.py (TextAVGMergeKVCache_LayerWise): image and recent tokens get -65516, the top
+    hh_size of the rest are marked, and the cache keeps every token whose score is still >= 0: all
+    text, the marked tokens and the recent window, so with more text than the heavy-hitter share the
+    cache exceeds the budget. 20 tokens (12 image, 8 text), budget 6 (3 recent, here text): the default
+    keeps 6, keep_all_text all 8 text tokens."""
+    from types import SimpleNamespace
+
+    is_image = torch.tensor([False] * 4 + [True] * 12 + [False] * 4)  # text 0-3, images 4-15, text 16-19
+    scores = torch.arange(20, dtype=torch.float)[None].expand(2, -1)
+    ctx = SimpleNamespace(cache_is_image=lambda layer: is_image)
+    keys, values = torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4)
+    for keep_all, expected in ((False, [2, 3, 17, 18, 19, 16]), (True, [0, 1, 2, 3, 16, 17, 18, 19])):
+        m = get("lookm", budget=6, recent_ratio=0.5, merge="none", keep_all_text=keep_all)
+        m.scores = lambda ctx, layer, keys: scores
+        _, _, kept = m.compress(ctx, 0, keys, values, 6)
+        assert sorted(kept[0].tolist()) == sorted(expected) and kept.shape[0] == 2, keep_all

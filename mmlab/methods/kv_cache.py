@@ -193,8 +193,10 @@ def merge_into_kept(keys, values, kept, merge: str):
 
     average:  k_c <- (k_c + sum k_e) / (1 + n_c)
     pivotal:  each evicted key is first averaged with its pivot, then as average
-    weighted: only evictions whose similarity is above their head's mean, scaled by it:
-              (k_c + sum s_e k_e) / (1 + n_c)
+    weighted: only evictions whose similarity is above the mean, scaled by it:
+              (k_c + sum s_e k_e) / (1 + n_c); one filter shared by the heads, as the official code
+              (SUSTechBruce/LOOK-M, kv_token_merge/modify_llama.py): the j-th eviction of every head
+              joins when its similarity averaged over heads is >= the mean over all heads and evictions
     Values follow their keys' assignments and weights. Returns the merged (1, h, k, d) tensors.
     """
     h, n, d = keys.shape[1], keys.shape[2], keys.shape[3]
@@ -213,7 +215,8 @@ def merge_into_kept(keys, values, kept, merge: str):
     else:
         k_src, v_src = k_ev, v_ev
         if merge == "weighted":
-            weight = torch.where(best >= best.mean(-1, keepdim=True), best, torch.zeros_like(best))
+            shared = best.mean(0, keepdim=True) >= best.mean()  # (1, e): max_values.mean(1) >= max_values.mean()
+            weight = torch.where(shared, best, torch.zeros_like(best))
             k_src, v_src = k_src * weight[..., None], v_src * weight[..., None]
     joins = (weight > 0).to(k_kept.dtype)  # evictions that take part (all but filtered-out weighted ones)
     idx = target[..., None].expand(-1, -1, d)
@@ -232,16 +235,22 @@ class LookM(HeavyHitterKV):
     tokens are kept first, image tokens compete for the rest by accumulated attention (per KV
     head); each evicted pair is then merged into its most cosine-similar kept key by ``merge``
     (none | average | pivotal | weighted). Paper setting: 10% heavy hitters + 10% recent.
+    ``keep_all_text``: as the official code, no non-recent text token is ever evicted (text ranks
+    first, and every text token is kept even past the heavy-hitter share), so the cache can exceed
+    the budget when text outnumbers it; the default (False) always holds the budget.
     """
 
     name = "lookm"
     budget: float | int = 0.2
     merge: str = "average"
     text_prior: bool = True
+    keep_all_text: bool = False
 
     def validate(self, ctx):
         if self.merge not in MERGES:
             raise MethodError(f"lookm: merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
+        if self.keep_all_text and not self.text_prior:
+            raise MethodError("lookm: keep_all_text (the official text prior) needs text_prior=True")
         super().validate(ctx)
 
     def compress(self, ctx, layer, keys, values, n_keep):
@@ -249,6 +258,10 @@ class LookM(HeavyHitterKV):
         if self.text_prior:  # text outranks every image token; images compete among themselves
             scores = scores - ctx.cache_is_image(layer).to(scores.dtype) * (scores.max() + 1)
         kept = self.keep_set(scores, n_keep)
+        if self.keep_all_text:  # official: every text token stays (the keep set may outgrow the budget)
+            mask = torch.zeros(scores.shape, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
+            mask |= ~ctx.cache_is_image(layer).to(kept.device)[None, :]
+            kept = mask.nonzero()[:, 1].view(mask.shape[0], -1)  # text is the same for every head
         k, v = merge_into_kept(keys, values, kept, self.merge)
         return k, v, kept
 

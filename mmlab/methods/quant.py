@@ -60,10 +60,13 @@ def qparams(w: torch.Tensor, bits, sym: bool):
     return scale, zero, maxq
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
-    """Round to the grid and back (the value a kernel de-quantizes to)."""
-    # times the reciprocal, as torchao rounds (so our RTN and its kernels pick the same codes)
-    return scale * (torch.minimum(torch.clamp(torch.round(w * (1.0 / scale)) + zero, min=0), maxq) - zero)
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor, *,
+             divide: bool = False) -> torch.Tensor:
+    """Round to the grid and back (the value a kernel de-quantizes to). RTN multiplies by the
+    reciprocal, as torchao rounds (so our RTN and its kernels pick the same codes); ``divide``
+    rounds ``w / scale`` as the official GPTQ / SpQR code does (the two differ at exact ties)."""
+    x = w / scale if divide else w * (1.0 / scale)
+    return scale * (torch.minimum(torch.clamp(torch.round(x) + zero, min=0), maxq) - zero)
 
 
 def _groups(cols: int, group_size: int | None) -> int:
@@ -142,7 +145,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group_size: int | None, s
                     scale, zero = _quantize_stats(scale, stat_bits), _quantize_stats(zero, stat_bits).round()
                 stat_total += float(stat_bits_per_group(b, sym).sum()) if stat_bits is None else 0.0
             x, d = w1[:, i], hinv1[i, i]
-            qx = quantize(x[:, None], scale, zero, maxq)[:, 0]
+            qx = quantize(x[:, None], scale, zero, maxq, divide=True)[:, 0]  # IST-DASLab/gptq quant.py
             if outlier_threshold is not None:
                 qx = torch.where(outliers[:, col], x, qx)
             q[:, col] = qx
@@ -159,7 +162,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group_size: int | None, s
 def _spqr_outliers(grp, hinv_diag, bits, sym, threshold):
     """SpQR's outlier test on one group: True = keep in the quantized group."""
     scale, zero, maxq = qparams(grp, bits, sym)
-    err = ((grp - quantize(grp, scale, zero, maxq)) / hinv_diag[None, :]) ** 2
+    err = ((grp - quantize(grp, scale, zero, maxq, divide=True)) / hinv_diag[None, :]) ** 2
     return err <= threshold * err.mean()
 
 
@@ -169,7 +172,7 @@ def _quantize_stats(stat: torch.Tensor, stat_bits: int) -> torch.Tensor:
     pad = (-rows) % 16
     x = torch.cat([stat[:, 0], stat[-1:, 0].expand(pad)]).reshape(-1, 16)
     s, z, m = qparams(x, stat_bits, sym=False)
-    return quantize(x, s, z, m).reshape(-1)[:rows, None]
+    return quantize(x, s, z, m, divide=True).reshape(-1)[:rows, None]
 
 
 # --- the method classes -------------------------------------------------------------------
