@@ -109,3 +109,16 @@ def test_lookm_official_text_prior_keeps_every_text_token():
         m.scores = lambda ctx, layer, keys: scores
         _, _, kept = m.compress(ctx, 0, keys, values, 6)
         assert sorted(kept[0].tolist()) == sorted(expected) and kept.shape[0] == 2, keep_all
+
+
+def test_awq_scales_follow_the_official_formula():
+    """mit-han-lab/llm-awq, awq/quantize/auto_scale.py (_search_module_scale): for ratio k / 20,
+    scales = x_max.pow(ratio).clamp(min=1e-4), then divided by sqrt(max * min), with x_max the mean
+    |x| per input channel. mean|x| = (1, 4, 16) at ratio 0.5: (1, 2, 4) / sqrt(4 * 1) = (0.5, 1, 2);
+    at ratio 0 every scale is 1."""
+    from mmlab.methods.quant import awq_scales
+
+    x_mean = torch.tensor([1.0, 4.0, 16.0])
+    assert torch.allclose(awq_scales(x_mean, 0.5), torch.tensor([0.5, 1.0, 2.0]))
+    assert torch.equal(awq_scales(x_mean, 0.0), torch.ones(3))
+    assert torch.allclose(awq_scales(torch.tensor([0.0, 1.0]), 1.0), torch.tensor([1e-4, 1.0]) / 1e-2)

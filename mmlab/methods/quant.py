@@ -274,6 +274,13 @@ class GPTQ(CalibratedQuant):
         return {}
 
 
+def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AWQ's per-input-channel scales for one grid point (mit-han-lab/llm-awq, auto_scale.py):
+    mean|x|^alpha, floored at 1e-4, divided by sqrt(max * min) so they straddle 1."""
+    s = x_mean.pow(alpha).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
 @register
 @dataclass
 class AWQ(CalibratedQuant):
@@ -311,9 +318,7 @@ class AWQ(CalibratedQuant):
         gram = x.T @ x
         best, best_s = float("inf"), torch.ones_like(x_mean)
         for k in range(self.grid):
-            alpha = k / self.grid
-            s = x_mean.pow(alpha).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
+            s = awq_scales(x_mean, k / self.grid)
             err = 0.0
             for w in ws:
                 dw = rtn(w * s, self.bits, self.group_size, self.sym) / s - w
