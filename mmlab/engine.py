@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmlab.arch import Adapter
-from mmlab.methods.base import Method, MethodError
-from mmlab.models import active_weights
+from mmlab.methods.base import Method, MethodError, needs_swap
+from mmlab.models import active_activations, active_weights
 from mmlab.threads import follow as follow_threads
 from mmlab.trace import Trace
 
@@ -221,6 +221,9 @@ def check_methods(bundle, methods: list[Method]) -> None:
         if m.quantizes_weights and active_weights(bundle.model) != str(m):
             raise MethodError(f"{m.name} quantizes weights, which are swapped in around the engine: call "
                               f"mmlab.run / mmlab.prefill / mmlab.evaluate, not mmlab.engine directly")
+        if m.quantizes_activations() and active_activations(bundle.model) != str(m):
+            raise MethodError(f"{m.name} quantizes activations, hooked in around the engine: call "
+                              f"mmlab.run / mmlab.prefill / mmlab.evaluate, not mmlab.engine directly")
 
 
 def _call_stage(ctx: Context, method: Method, stage: str, totals: dict, *args):
@@ -378,7 +381,7 @@ def shares_prefill(methods: list[Method]) -> bool:
     """True when every method acts only once the prefill is done (KV eviction / merging / quantization):
     its dense prefill is then the same as with no method, and ``run_many`` can share it."""
     return all(type(m).image_features is Method.image_features and type(m).before_layer is Method.before_layer
-               and not m.quantizes_weights for m in methods)
+               and not needs_swap(m) for m in methods)
 
 
 def prefills(bundle, inputs, method_lists: list, *, all_logits: bool = False, sample_index: int = 0):

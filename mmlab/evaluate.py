@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mmlab import engine
 from mmlab.arch import Inputs
-from mmlab.methods.base import Method, MethodError, get, knob, method_class
+from mmlab.methods.base import Method, MethodError, get, knob, method_class, needs_swap
 from mmlab.quantize import applied, quantized_weights
 from mmlab.trace import Trace
 
@@ -122,7 +122,7 @@ def evaluate_many(bundle, samples, method_lists: list, *, progress: bool = True,
         raise MethodError("evaluate() needs at least one sample")
     lists = [list(ms) for ms in method_lists]
     out: list = [None] * len(lists)
-    shared = [k for k, ms in enumerate(lists) if not any(m.quantizes_weights for m in ms)]
+    shared = [k for k, ms in enumerate(lists) if not any(needs_swap(m) for m in ms)]
     rows: dict[int, list] = {k: [] for k in shared}
     for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress or not shared, mininterval=2)):
         live = [k for k in shared if out[k] is None]
@@ -140,7 +140,7 @@ def evaluate_many(bundle, samples, method_lists: list, *, progress: bool = True,
                 r = [_sample_row(i, s, engine.run(bundle, s, lists[k], max_new_tokens=max_new_tokens, sample_index=i))
                      for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress,
                                                 mininterval=2))]
-            out[k] = _result(r, quantized.weight_bits)
+            out[k] = _result(r, quantized.weight_bits if quantized else float("nan"))
         except MethodError as e:
             out[k] = e
     return out
@@ -216,7 +216,7 @@ def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512,
     its weights swapped in once. A refused list gets its ``MethodError``."""
     chunks = _windows(bundle, text, window, context, max_windows)
     lists = [list(ms) for ms in method_lists]
-    shared = [k for k, ms in enumerate(lists) if not any(m.quantizes_weights for m in ms)]
+    shared = [k for k, ms in enumerate(lists) if not any(needs_swap(m) for m in ms)]
     acc = {k: [] for k in range(len(lists))}  # per list: (nll sum, tokens, kv bytes, prefill ms) per window
     out: list = [None] * len(lists)
     for w in tqdm(range(len(chunks)), desc=f"ppl {bundle.name}", disable=not progress or not shared, mininterval=2):
@@ -234,7 +234,7 @@ def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512,
                     if isinstance(p, MethodError):
                         raise p
                     acc[k].append(_window_nll(bundle, p, chunks[w][None], context))
-            out[k] = _ppl_result(acc[k], quantized.weight_bits)
+            out[k] = _ppl_result(acc[k], quantized.weight_bits if quantized else float("nan"))
         except MethodError as e:
             out[k] = e
     return [out[k] or _ppl_result(acc[k]) for k in range(len(lists))]
@@ -347,7 +347,7 @@ def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseli
             lists[k] = _methods(cfg)
         except MethodError as e:
             rows[k]["error"] = str(e)
-    batch = [k for k, ms in lists.items() if not any(m.quantizes_weights for m in ms)]
+    batch = [k for k, ms in lists.items() if not any(needs_swap(m) for m in ms)]
     t = time.perf_counter()
     results = _measure(bundle, [lists[k] for k in batch], samples, text, ppl_kw) if batch else []
     for k, res in zip(batch, results):
@@ -369,9 +369,10 @@ def _weight_point(bundle, methods: list, samples, text, ppl_kw) -> dict:
     """A weight-quantized configuration: its one-time quantization (timed), then its evaluation."""
     t = time.perf_counter()
     try:
-        qw = quantized_weights(bundle, next(m for m in methods if m.quantizes_weights))
-        row = {"quantize_s": time.perf_counter() - t, "weight_bits": qw.weight_bits, "packed_bytes": qw.packed_bytes,
-               "outliers": qw.outliers}
+        wq = [m for m in methods if m.quantizes_weights]
+        qw = quantized_weights(bundle, wq[0]) if wq else None  # (activation quantizers alone: no weights)
+        row = {} if qw is None else {"quantize_s": time.perf_counter() - t, "weight_bits": qw.weight_bits,
+                                     "packed_bytes": qw.packed_bytes, "outliers": qw.outliers}
         res = _measure(bundle, [methods], samples, text, ppl_kw)[0]
     except MethodError as e:
         return {"error": str(e)}

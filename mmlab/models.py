@@ -25,7 +25,7 @@ from mmlab.arch.base import field_of
 from mmlab.arch.tiny_llava import CHECKPOINT_DIR
 from mmlab.methods.base import MethodError
 
-__all__ = ["Bundle", "EMBEDDED", "Inputs", "active_weights", "cache_dir", "load"]
+__all__ = ["Bundle", "EMBEDDED", "Inputs", "active_activations", "active_weights", "cache_dir", "load"]
 
 EMBEDDED = ("tiny-llava", "smollm2-135m")
 
@@ -47,6 +47,21 @@ def set_active_weights(model, method: str | None) -> None:
         _ACTIVE_WEIGHTS.pop(model, None)
     else:
         _ACTIVE_WEIGHTS[model] = method
+
+
+# which activation quantizer's input hooks a model carries right now (set by mmlab.quantize.applied)
+_ACTIVE_ACTIVATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def active_activations(model) -> str | None:
+    return _ACTIVE_ACTIVATIONS.get(model)
+
+
+def set_active_activations(model, method: str | None) -> None:
+    if method is None:
+        _ACTIVE_ACTIVATIONS.pop(model, None)
+    else:
+        _ACTIVE_ACTIVATIONS[model] = method
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch
 
 from mmlab.engine import prefill
 from mmlab.methods.base import MethodError
-from mmlab.models import set_active_weights
+from mmlab.models import active_activations, set_active_activations, set_active_weights
 from mmlab.threads import follow as follow_threads
 from mmlab.threads import pinned
 
@@ -360,14 +360,25 @@ def quantized_weights(bundle, method) -> QuantizedWeights:
 
 @contextlib.contextmanager
 def applied(bundle, methods):
-    """Swap the run's weight quantization in (and activation hooks) for the ``with`` body."""
+    """Swap the run's weight quantization in and hook its activation quantization (at the input of
+    every target linear) for the ``with`` body; yields the QuantizedWeights (None without a weight
+    method). One weight method and one activation quantizer per run; they compose (e.g. GPTQ
+    weights with 4-bit activations), and a method that does both (``act_quant``) is both."""
     wq = [m for m in methods if m.quantizes_weights]
-    if not wq:
-        yield None
-        return
+    aq = [m for m in methods if m.quantizes_activations()]
     if len(wq) > 1:
         raise MethodError(f"one weight quantization method per run, got {', '.join(m.name for m in wq)}")
-    method = wq[0]
+    if len(aq) > 1:
+        raise MethodError(f"one activation quantization method per run, got {', '.join(m.name for m in aq)}")
+    with _weights(bundle, wq[0] if wq else None) as qw, _activations(bundle, aq[0] if aq else None):
+        yield qw
+
+
+@contextlib.contextmanager
+def _weights(bundle, method):
+    if method is None:
+        yield None
+        return
     state = _STATE.setdefault(bundle.model, {"cache": OrderedDict(), "active": None})
     if state["active"] is not None:
         if state["active"].method == str(method):  # nested entry (run inside evaluate): already in place
@@ -377,24 +388,36 @@ def applied(bundle, methods):
     qw = quantized_weights(bundle, method)
     modules = dict(bundle.model.named_modules())
     originals = {n: modules[n].weight for n in qw.weights}
-    hooks = []
     try:
         for n, w in qw.weights.items():
             modules[n].weight = torch.nn.Parameter(w, requires_grad=False)
-        if method.quantizes_activations():
-            for n in qw.weights:
-                hooks.append(modules[n].register_forward_pre_hook(
-                    lambda m, args: (method.quantize_activation(args[0]),) + tuple(args[1:])))
         state["active"] = qw
         set_active_weights(bundle.model, qw.method)
         yield qw
     finally:
         state["active"] = None
         set_active_weights(bundle.model, None)
-        for h in hooks:
-            h.remove()
         for n, w in originals.items():
             modules[n].weight = w
+
+
+@contextlib.contextmanager
+def _activations(bundle, method):
+    if method is None or active_activations(bundle.model) == str(method):  # none, or nested entry
+        yield
+        return
+    if active_activations(bundle.model) is not None:
+        raise MethodError(f"activations of {bundle.name} are already quantized by {active_activations(bundle.model)}")
+    method.validate(None)
+    hooks = [lin.register_forward_pre_hook(lambda m, args: (method.quantize_activation(args[0]),) + tuple(args[1:]))
+             for lin in target_linears(bundle, method.targets).values()]
+    set_active_activations(bundle.model, str(method))
+    try:
+        yield
+    finally:
+        set_active_activations(bundle.model, None)
+        for h in hooks:
+            h.remove()
 
 
 # --- real kernels (torchao) --------------------------------------------------------------------

@@ -301,3 +301,24 @@ def test_random_architectures_quantize(random_bundles, test_samples):
         m = get("rtn", bits=4, group_size=None, targets="all" if b.multimodal else "llm")
         tr = mmlab.run(b, sample, [m], max_new_tokens=2)
         assert tr.extra["quantized_linears"] == len(WeightContext(b, m.targets).linears)
+
+
+def test_activation_quantization_composes_with_any_weight_method(smol):
+    """`act` + a weight method in one run: RTN-8 weights + 8-bit activations is exactly the fused
+    act_quant; GPTQ-4 + 4-bit activations + KIVI-4 (W4A4KV4) runs as one list; hooks leave after."""
+    from mmlab.methods import parse
+
+    text = mmlab.data.offline_corpus()
+    kw = dict(window=128, max_windows=1, progress=False)
+    fused = mmlab.perplexity(smol, text, parse("act_quant(bits=8, act_bits=8)"), **kw).perplexity
+    composed = mmlab.perplexity(smol, text, parse("rtn(bits=8, group_size=None, sym=True)+act(act_bits=8)"), **kw)
+    assert composed.perplexity == fused
+    w4a4kv4 = parse("gptq(bits=4, group_size=64, calib_samples=2, calib_len=128)+act(act_bits=4)+kivi(bits=4, "
+                    "residual=32)")
+    r = mmlab.perplexity(smol, text, w4a4kv4, window=128, context=96, max_windows=1, progress=False)
+    assert r.perplexity > 0 and r.weight_bits < 5
+    assert not smol.decoder.layers[0].self_attn.q_proj._forward_pre_hooks
+    with pytest.raises(mmlab.MethodError, match="one activation quantization method per run"):
+        mmlab.run(smol, "Hi", parse("act(act_bits=8)+act_quant"), max_new_tokens=1)
+    with pytest.raises(mmlab.MethodError, match="hooked in around the engine"):
+        mmlab.engine.run(smol, "Hi", parse("act(act_bits=8)"), max_new_tokens=1)

@@ -189,6 +189,12 @@ class Method:
         return f"{self.name}({args})"
 
 
+def needs_swap(method: Method) -> bool:
+    """True for weight and activation quantizers: they act through the swap around the engine
+    (``mmlab.quantize.applied``), not at an engine stage."""
+    return method.quantizes_weights or method.quantizes_activations()
+
+
 # --- the registry -----------------------------------------------------------------------------
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available to ``get(name)``."""

@@ -479,10 +479,35 @@ class ActQuant(RTN):
         check_bits(self.name, self.act_bits, "act_bits")
 
     def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token symmetric fake quantization, on the same grid as the weights (and torchao):
-        scale = 2 max|x| / (2^b - 1), codes -2^(b-1) .. 2^(b-1) - 1."""
-        scale, zero, maxq = qparams(x.reshape(-1, x.shape[-1]).float(), self.act_bits, sym=True)
-        return quantize(x.reshape(-1, x.shape[-1]).float(), scale, zero, maxq).reshape(x.shape).to(x.dtype)
+        return per_token(x, self.act_bits)
+
+
+def per_token(x: torch.Tensor, bits) -> torch.Tensor:
+    """Per-token symmetric fake quantization, on the same grid as the weights (and torchao):
+    scale = 2 max|x| / (2^b - 1), codes -2^(b-1) .. 2^(b-1) - 1."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    scale, zero, maxq = qparams(flat, bits, sym=True)
+    return quantize(flat, scale, zero, maxq).reshape(x.shape).to(x.dtype)
+
+
+@register
+@dataclass
+class ActivationQuant(Method):
+    """Activation quantization alone: per-token dynamic symmetric fake quantization (``act_bits``)
+    at the input of every target linear, composable with any weight method and KV quantizer in one
+    run, e.g. W4A4KV4 = ``gptq(bits=4)+act(act_bits=4)+kivi(bits=4)`` (COMET's setting)."""
+
+    name: ClassVar[str] = "act"
+    family: ClassVar[str] = "quantization"
+    knob: ClassVar[str] = "act_bits"
+    act_bits: int = 8
+    targets: str = "llm"
+
+    def validate(self, ctx) -> None:
+        check_bits(self.name, self.act_bits, "act_bits")
+
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        return per_token(x, self.act_bits)
 
 
 # --- KV cache -----------------------------------------------------------------------------
