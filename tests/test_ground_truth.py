@@ -35,6 +35,7 @@ NOOP = {
     "spqr": {"targets": ()},
     "mixllm": {"targets": ()},
     "act_quant": {"targets": ()},
+    "act": {"targets": ()},
     "kivi": {"residual": 10**9},
 }
 # a prompt long enough to cross the tiny Gemma3's 6-token sliding window
