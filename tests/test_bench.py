@@ -146,7 +146,8 @@ def test_ground_truth_against_lmms_eval_llava_hf(tmp_path, fixtures):
     for methods in ("", "divprune(keep_ratio=1.0)+snapkv(budget=1.0)", "fastv(keep_ratio=1.0)"):
         from mmlab.bench.lmms_model import MMLab
 
-        assert answers(MMLab(pretrained=path, methods=methods, chat_template=BOTH)) == ref, methods
+        costs = str(tmp_path / "costs.json")  # the sidecar goes to the test folder, not the working directory
+        assert answers(MMLab(pretrained=path, methods=methods, chat_template=BOTH, costs=costs)) == ref, methods
 
 
 def test_cli_run_writes_results_and_costs_sidecar(tmp_path):
@@ -195,10 +196,12 @@ def test_lm_eval_ground_truth_and_quantized(tmp_path, smol):
         return [r[0][0] for s in out["samples"][task] for r in s["resps"]], out["results"][task]["acc,none"]
 
     ref, ref_acc = lls(HFLM(pretrained=smol.model, tokenizer=smol.tokenizer, batch_size=1))
-    dense, acc = lls(MMLabLM(pretrained=smol))
+    costs = str(tmp_path / "costs.json")
+    dense, acc = lls(MMLabLM(pretrained=smol, costs=costs))
     assert dense == pytest.approx(ref, abs=2e-3) and acc == ref_acc
-    rtn, _ = lls(MMLabLM(pretrained=smol, methods="rtn(bits=8, group_size=None)"))
-    gptq, _ = lls(MMLabLM(pretrained=smol, methods="gptq(bits=3, group_size=None, calib_samples=4, calib_len=128)"))
+    rtn, _ = lls(MMLabLM(pretrained=smol, methods="rtn(bits=8, group_size=None)", costs=costs))
+    gptq, _ = lls(MMLabLM(pretrained=smol, methods="gptq(bits=3, group_size=None, calib_samples=4, calib_len=128)",
+                             costs=costs))
     d_rtn = max(abs(a - b) for a, b in zip(rtn, dense))
     d_gptq = max(abs(a - b) for a, b in zip(gptq, dense))
     assert 0 < d_rtn < 0.5 < d_gptq
