@@ -386,6 +386,12 @@ def routed_tokens(df: pd.DataFrame):
     return fig
 
 
+def main_metrics(df: pd.DataFrame) -> pd.DataFrame:
+    """Each benchmark run's first (main) metric per task, whatever its name (lmms-eval and lm-eval
+    list a task's metrics in its YAML's order)."""
+    return df.groupby(["run_id", "task"], sort=False).head(1)
+
+
 def _main_metric_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Each benchmark run's first (main) metric per task, with its method family (``none`` = dense)."""
     if "status" in df:
@@ -394,7 +400,7 @@ def _main_metric_rows(df: pd.DataFrame) -> pd.DataFrame:
         raise NoRows("no benchmark rows")
     if "run_id" not in df:  # one run's own table (the notebook) rather than a collected sweep
         df = df.assign(run_id="run")
-    rows = df.groupby(["run_id", "task"], sort=False).head(1).copy()
+    rows = main_metrics(df).copy()
     rows["family"] = rows.methods.fillna("none").str.replace(r"\(.*", "", regex=True)
     return rows
 
@@ -425,8 +431,8 @@ def bench_accuracy_vs_tflops(df: pd.DataFrame):
 def _ours(df: pd.DataFrame, tasks: list[str], methods: str, metric: str) -> dict[str, float]:
     """Per task, our value of ``metric`` (``main``: the task's first metric) under ``methods``
     (mean over repeated runs)."""
-    if metric == "main":  # each task's first (main) metric, whatever its name
-        df = df.groupby(["run_id", "task"], sort=False).head(1)
+    if metric == "main":
+        df = main_metrics(df)
     else:
         df = df[df.metric == metric]
     rows = df[(df.methods == methods) & df.task.isin(tasks)]

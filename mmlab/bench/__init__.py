@@ -99,7 +99,6 @@ def lmms_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | 
         from lmms_eval.tasks import TaskManager
     except ImportError:
         raise _missing("lmms-eval") from None
-    import pandas as pd
 
     from mmlab.bench.lmms_model import MMLab
 
@@ -111,11 +110,7 @@ def lmms_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | 
         raise ValueError(f"unknown lmms-eval task(s) {unknown}; mmlab's own: {', '.join(TASK_SETS)} "
                          f"(others: `lmms-eval --tasks list`, or add their folder with include_path)")
     lm = MMLab(pretrained=model, methods=methods, **model_args)
-    lm.costs_path = Path(tempfile.mkdtemp(prefix="mmlab-costs-")) / "costs.json"
-    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, verbosity="ERROR",
-                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
-    meta = {"model": lm.bundle.name, "methods": lm.server.costs.meta["methods"], "limit": limit}
-    return pd.DataFrame(_rows(out, lm.server.costs.by_task(), meta))
+    return _evaluate(simple_evaluate, lm, tasks, limit, seed, task_manager=manager, verbosity="ERROR")
 
 
 def lm_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | float | None = None,
@@ -128,7 +123,6 @@ def lm_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | fl
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise _missing("lm-eval") from None
-    import pandas as pd
 
     from mmlab.bench.lm_model import MMLabLM
 
@@ -139,8 +133,17 @@ def lm_eval(model, tasks: list[str] | str, methods: str = "", *, limit: int | fl
         raise ValueError(f"unknown lm-eval task(s) {unknown}; see `lm-eval ls tasks`, or add their folder with "
                          f"include_path")
     lm = MMLabLM(pretrained=model, methods=methods, **model_args)
-    lm.costs_path = Path(tempfile.mkdtemp(prefix="mmlab-costs-")) / "costs.json"
-    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, num_fewshot=num_fewshot,
-                          log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed)
+    return _evaluate(simple_evaluate, lm, tasks, limit, seed, task_manager=manager, num_fewshot=num_fewshot)
+
+
+def _evaluate(simple_evaluate, lm, tasks: list[str], limit, seed: int, **kw):
+    """A harness's ``simple_evaluate`` on the mmlab model ``lm``, as a DataFrame with each task's costs
+    (the sidecar goes to a temporary folder: the costs are in the frame)."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="mmlab-costs-") as tmp:
+        lm.costs_path = Path(tmp) / "costs.json"
+        out = simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False, random_seed=seed,
+                              numpy_random_seed=seed, torch_random_seed=seed, **kw)
     meta = {"model": lm.bundle.name, "methods": lm.server.costs.meta["methods"], "limit": limit}
     return pd.DataFrame(_rows(out, lm.server.costs.by_task(), meta))

@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,14 @@ def cli_output_path() -> Path | None:
         if a.startswith("--output_path="):
             return Path(a.split("=", 1)[1])
     return None
+
+
+def sidecar_path(costs: str | None) -> Path:
+    """``costs`` if given, else ``mmlab_costs_<time>.json`` in the harness's ``--output_path`` (or the
+    working directory)."""
+    if costs:
+        return Path(costs)
+    return (cli_output_path() or Path(".")) / f"mmlab_costs_{time.strftime('%Y%m%d_%H%M%S')}.json"
 
 
 @dataclass

@@ -16,9 +16,6 @@ next to ``--output_path`` or in the working directory).
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while empty)
 import torch
 from lm_eval import utils as lm_utils
@@ -27,10 +24,10 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from mmlab.arch import Inputs
-from mmlab.bench.costs import cli_output_path
+from mmlab.bench.costs import sidecar_path
 from mmlab.bench.serve import Server
-from mmlab.methods.base import MethodError, parse
-from mmlab.models import Bundle, load
+from mmlab.methods.base import MethodError
+from mmlab.models import Bundle
 
 ARGS = ("pretrained", "methods", "dtype", "device", "attn_implementation", "max_length", "max_new_tokens", "costs",
         "batch_size", "max_batch_size")
@@ -45,13 +42,10 @@ class MMLabLM(LM):
         super().__init__()
         if unknown:
             raise MethodError(f"mmlab model_args: unknown {', '.join(sorted(unknown))}; valid: {', '.join(ARGS)}")
-        ms = parse(methods)  # a bad spec fails before the model loads
-        bundle = pretrained if isinstance(pretrained, Bundle) else load(
-            str(pretrained), dtype=dtype, device=device, attn_implementation=attn_implementation)
-        self.server = Server(bundle, ms, max_new_tokens=None if max_new_tokens is None else int(max_new_tokens))
+        self.server = Server.open(pretrained, methods, dtype=dtype, device=device,
+                                  attn_implementation=attn_implementation, max_new_tokens=max_new_tokens)
         self.max_length = int(max_length)
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        self.costs_path = Path(costs) if costs else (cli_output_path() or Path(".")) / f"mmlab_costs_{stamp}.json"
+        self.costs_path = sidecar_path(costs)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

@@ -17,17 +17,14 @@ CLI's ``--output_path``, else the working directory).
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-from mmlab.bench.costs import cli_output_path
+from mmlab.bench.costs import sidecar_path
 from mmlab.bench.serve import Server
-from mmlab.methods.base import MethodError, parse
-from mmlab.models import Bundle, load
+from mmlab.methods.base import MethodError
+from mmlab.models import Bundle
 
 ARGS = ("pretrained", "methods", "dtype", "device", "attn_implementation", "max_new_tokens", "query_after",
         "chat_template", "costs", "batch_size", "max_batch_size")
@@ -68,18 +65,14 @@ class MMLab(lmms):
             raise MethodError(f"mmlab model_args: unknown {', '.join(sorted(unknown))}; valid: {', '.join(ARGS)}")
         if batch_size not in (None, 1, "1"):
             raise MethodError(f"mmlab runs one request at a time (Traces are per sample); got batch_size={batch_size}")
-        ms = parse(methods)  # a bad spec fails here, before the model loads
-        bundle = pretrained if isinstance(pretrained, Bundle) else load(
-            str(pretrained), dtype=dtype, device=device, attn_implementation=attn_implementation)
+        self.server = Server.open(pretrained, methods, dtype=dtype, device=device,
+                                  attn_implementation=attn_implementation, max_new_tokens=max_new_tokens,
+                                  query_after=bool(query_after))
         if chat_template:
-            for owner in (bundle.processor, bundle.tokenizer):
+            for owner in (self.bundle.processor, self.bundle.tokenizer):
                 if owner is not None:
                     owner.chat_template = chat_template
-        self.server = Server(bundle, ms, max_new_tokens=None if max_new_tokens is None else int(max_new_tokens),
-                             query_after=bool(query_after))
-        out = cli_output_path()
-        stamp = time.strftime("%Y%m%d_%H%M%S")
-        self.costs_path = Path(costs) if costs else (out or Path(".")) / f"mmlab_costs_{stamp}.json"
+        self.costs_path = sidecar_path(costs)
 
     @property
     def bundle(self) -> Bundle:

@@ -18,8 +18,8 @@ import torch
 from mmlab import engine
 from mmlab.arch import Inputs
 from mmlab.bench.costs import CostLog
-from mmlab.methods.base import Method, MethodError, spec
-from mmlab.models import Bundle
+from mmlab.methods.base import Method, MethodError, parse, spec
+from mmlab.models import Bundle, load
 from mmlab.quantize import applied
 
 
@@ -35,6 +35,16 @@ class Server:
         m = self.bundle.model
         self.costs.meta = {"model": self.bundle.name, "methods": spec(self.methods), "dtype": str(m.dtype),
                            "device": str(m.device), "adapter": self.bundle.adapter.name}
+
+    @classmethod
+    def open(cls, pretrained, methods: str, *, dtype=None, device=None, attn_implementation=None,
+             max_new_tokens=None, **kw) -> "Server":
+        """From a harness's model_args: the spec is parsed first (a bad one fails before the model
+        loads), then ``pretrained`` (an mmlab name, HF id or path, or a loaded Bundle)."""
+        ms = parse(methods)
+        bundle = pretrained if isinstance(pretrained, Bundle) else load(
+            str(pretrained), dtype=dtype, device=device, attn_implementation=attn_implementation)
+        return cls(bundle, ms, max_new_tokens=None if max_new_tokens is None else int(max_new_tokens), **kw)
 
     @contextlib.contextmanager
     def session(self):
