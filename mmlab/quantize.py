@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmlab.engine import prefill
-from mmlab.methods.base import MethodError
+from mmlab.methods.base import Method, MethodError
 from mmlab.models import active_activations, set_active_activations, set_active_weights
 from mmlab.threads import follow as follow_threads
 from mmlab.threads import pinned
@@ -274,6 +274,18 @@ class WeightContext:
             merged[key] = x[torch.linspace(0, x.shape[0] - 1, min(max_tokens, x.shape[0])).long()]
         return {n: merged[share[n]] for n in names}
 
+    def input_absmax(self, calib) -> dict[str, torch.Tensor]:
+        """max |x| per input channel of every target linear over the calibration set, block by
+        block on the current weights (``(in_features,)`` each)."""
+        out: dict[str, torch.Tensor] = {}
+        for block in self.blocks:
+            def on_input(name, key, x):
+                m = x.abs().amax(0)
+                out[name] = torch.maximum(out[name], m) if name in out else m
+            self._forward_with_hooks(block, calib, on_input)
+        self._carry = {}
+        return out
+
     def gradients(self, calib) -> dict[str, torch.Tensor]:
         """Mean gradient of the calibration language-modelling loss w.r.t. each target weight; on the
         full-precision model (``shared``)."""
@@ -370,8 +382,27 @@ def applied(bundle, methods):
         raise MethodError(f"one weight quantization method per run, got {', '.join(m.name for m in wq)}")
     if len(aq) > 1:
         raise MethodError(f"one activation quantization method per run, got {', '.join(m.name for m in aq)}")
-    with _weights(bundle, wq[0] if wq else None) as qw, _activations(bundle, aq[0] if aq else None):
+    states = activation_states(bundle, aq[0]) if aq else None  # calibrated before any weight is swapped
+    with _weights(bundle, wq[0] if wq else None) as qw, _activations(bundle, aq[0] if aq else None, states):
         yield qw
+
+
+def activation_states(bundle, method) -> dict:
+    """The activation quantizer's per-linear calibration (``calibrate_activations``) on the
+    full-precision model, computed once per (model, method) and cached."""
+    if type(method).calibrate_activations is Method.calibrate_activations:
+        return {}
+    state = _STATE.setdefault(bundle.model, {"cache": OrderedDict(), "active": None})
+    key = f"activations:{method}"
+    if key not in state:
+        if state["active"] is not None:
+            raise MethodError(f"{method.name} calibrates on the full-precision model; enter it before the "
+                              f"weights of {bundle.name} are swapped")
+        method.validate(None)
+        wctx = WeightContext(bundle, method.targets)
+        with torch.no_grad(), pinned(CALIBRATION_THREADS):
+            state[key] = method.calibrate_activations(wctx)
+    return state[key]
 
 
 @contextlib.contextmanager
@@ -402,15 +433,19 @@ def _weights(bundle, method):
 
 
 @contextlib.contextmanager
-def _activations(bundle, method):
+def _activations(bundle, method, states=None):
     if method is None or active_activations(bundle.model) == str(method):  # none, or nested entry
         yield
         return
     if active_activations(bundle.model) is not None:
         raise MethodError(f"activations of {bundle.name} are already quantized by {active_activations(bundle.model)}")
     method.validate(None)
-    hooks = [lin.register_forward_pre_hook(lambda m, args: (method.quantize_activation(args[0]),) + tuple(args[1:]))
-             for lin in target_linears(bundle, method.targets).values()]
+    states = states or {}
+
+    def hook(name):
+        s = states.get(name)
+        return lambda m, args: (method.quantize_activation(args[0], s),) + tuple(args[1:])
+    hooks = [lin.register_forward_pre_hook(hook(n)) for n, lin in target_linears(bundle, method.targets).items()]
     set_active_activations(bundle.model, str(method))
     try:
         yield

@@ -36,6 +36,7 @@ NOOP = {
     "mixllm": {"targets": ()},
     "act_quant": {"targets": ()},
     "act": {"targets": ()},
+    "fmpq": {"targets": ()},
     "kivi": {"residual": 10**9},
 }
 # a prompt long enough to cross the tiny Gemma3's 6-token sliding window

@@ -322,3 +322,43 @@ def test_activation_quantization_composes_with_any_weight_method(smol):
         mmlab.run(smol, "Hi", parse("act(act_bits=8)+act_quant"), max_new_tokens=1)
     with pytest.raises(mmlab.MethodError, match="hooked in around the engine"):
         mmlab.engine.run(smol, "Hi", parse("act(act_bits=8)"), max_new_tokens=1)
+
+
+def test_fmpq_permutes_outlier_channels_into_high_precision_blocks():
+    """COMET's FMPQ on a hand-checkable input: 6 channels, blocks of 2, high_fraction 1/3 -> one
+    block at 8 bits holding the two largest-magnitude channels (3 and 1); the others at 4 bits
+    in two blocks of their original order (0, 2) and (4, 5), each with its own per-token scale."""
+    from mmlab.methods.quant import FMPQ, fmpq_order, per_token
+
+    absmax = torch.tensor([1.0, 5.0, 2.0, 9.0, 3.0, 0.5])
+    perm, n_high = fmpq_order(absmax, block_size=2, high_fraction=1 / 3)
+    assert perm.tolist() == [3, 1, 0, 2, 4, 5] and n_high == 2
+    assert fmpq_order(absmax, 2, 0.0)[1] == 0 and fmpq_order(absmax, 2, 1.0)[1] == 6
+    assert fmpq_order(torch.arange(576.0), 128, 0.16)[1] == 128  # ceil(0.16 x 4.5 blocks) = 1 block
+    x = torch.tensor([[0.9, -4.7, 1.3, 8.2, -2.9, 0.1]])
+    q = FMPQ(block_size=2, high_fraction=1 / 3).quantize_activation(x, (perm, n_high))
+    want = torch.empty_like(x)
+    want[:, [3, 1]] = per_token(x[:, [3, 1]], 8)
+    want[:, [0, 2]] = per_token(x[:, [0, 2]], 4)
+    want[:, [4, 5]] = per_token(x[:, [4, 5]], 4)
+    assert torch.equal(q, want)
+    assert (q - x).abs()[:, [3, 1]].max() < 8.2 / 127  # the outliers keep 8-bit resolution
+    with pytest.raises(mmlab.MethodError, match="high_fraction must be in"):
+        mmlab.run(mmlab.load("smollm2-135m"), "Hi", [FMPQ(high_fraction=1.5)], max_new_tokens=1)
+
+
+def test_fmpq_rescues_4bit_activations_and_composes_into_w4a4kv4(smol):
+    """Per-token 4-bit activations wreck smollm2; FMPQ (outlier blocks at 8 bits, calibrated on
+    other text) stays within a few percent of 8-bit activations; GPTQ-4 + FMPQ + KIVI-4 runs as one."""
+    from mmlab.methods import parse
+
+    text = mmlab.data.offline_corpus()
+    kw = dict(window=128, max_windows=1, progress=False)
+    runs = ["act(act_bits=8)", "act(act_bits=4)", "fmpq(calib_samples=2, calib_len=128)"]
+    a8, a4, fm = (mmlab.perplexity(smol, text, parse(s), **kw).perplexity for s in runs)
+    assert a4 > 5 * a8 and fm < 1.5 * a8
+    w4axkv4 = parse("gptq(bits=4, group_size=64, calib_samples=2, calib_len=128)+fmpq(calib_samples=2, "
+                    "calib_len=128)+kivi(bits=4, residual=32)")
+    r = mmlab.perplexity(smol, text, w4axkv4, window=128, context=96, max_windows=1, progress=False)
+    assert r.perplexity < 2 * fm and r.weight_bits < 5
+    assert not smol.decoder.layers[0].mlp.down_proj._forward_pre_hooks

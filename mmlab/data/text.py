@@ -3,6 +3,9 @@
 ``offline_corpus()``: docstrings of a fixed list of Python standard-library modules (and
 their public classes and functions), in a fixed order: real English technical prose,
 identical on every machine with the same Python minor version.
+``prose_corpus()``: the distinct license texts Debian ships in every install (base-files'
+``/usr/share/common-licenses``): natural English prose of another domain than the docstrings,
+never used for calibration (the out-of-domain perplexity text).
 ``wikitext2()``: WikiText-2 (raw, test split) through ``datasets`` when online.
 ``needle(tokenizer, ...)``: long-context retrieval prompts built from the offline corpus
 (a pass code hidden at a chosen depth of a chosen number of filler tokens).
@@ -53,6 +56,26 @@ def offline_corpus(max_chars: int | None = None) -> str:
 
 def corpus_id() -> str:
     return f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib-docstrings"
+
+
+LICENSES = "/usr/share/common-licenses"
+PROSE_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "CC0-1.0", "Artistic", "BSD")  # one per license family
+
+
+def prose_corpus() -> str:
+    """The license texts of ``PROSE_FILES`` joined by blank lines (about 100 kB, ~22k SmolLM2 tokens)."""
+    from pathlib import Path
+
+    root = Path(LICENSES)
+    missing = [f for f in PROSE_FILES if not (root / f).is_file()]
+    if missing:
+        raise RuntimeError(f"prose_corpus() reads Debian's license texts in {LICENSES} (package base-files); "
+                           f"missing here: {', '.join(missing)}. Pass another text, e.g. mmlab.data.wikitext2()")
+    return "\n\n".join((root / f).read_text(encoding="utf-8", errors="replace").strip() for f in PROSE_FILES)
+
+
+def prose_id() -> str:
+    return "debian-common-licenses:" + "+".join(PROSE_FILES)
 
 
 def wikitext2(split: str = "test") -> str:

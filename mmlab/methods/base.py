@@ -11,8 +11,11 @@ Stages, in the order they are called:
 ``quantize_weights(wctx: WeightContext)``  (class flag ``quantizes_weights``)
     Once per (model, method), before any prefill, by the weight swap (``mmlab/quantize.py``):
     write quantized weights with ``wctx.set``; they are cached and swapped in for every run
-    that lists the method. ``quantize_activation(x)`` (optional) is then applied to the
-    input of every quantized linear.
+    that lists the method.
+``calibrate_activations(wctx) -> {linear: state}`` and ``quantize_activation(x, state)``
+    An activation quantizer (its own method, or part of a weight method) is applied to the
+    input of every target linear; ``state`` is what ``calibrate_activations`` returned for that
+    linear (called once per (model, method), on the full-precision model; ``None`` without it).
 ``image_features(ctx, feats) -> feats``
     ``feats`` is a list with one ``(n_i, d)`` tensor of projected image features per
     image. Return the features to place in the prompt (fewer rows = pruned / merged).
@@ -136,6 +139,8 @@ class WeightContext(Protocol):
 
     def gradients(self, calib) -> dict[str, torch.Tensor]: ...
 
+    def input_absmax(self, calib) -> dict[str, torch.Tensor]: ...
+
     def set(self, name: str, weight: torch.Tensor, storage_bits: float, outliers: int = 0) -> None: ...
 
     def note(self, name: str, **info) -> None: ...
@@ -162,7 +167,10 @@ class Method:
     def quantize_weights(self, wctx: WeightContext) -> None:
         return None
 
-    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+    def calibrate_activations(self, wctx: WeightContext) -> dict[str, Any]:
+        return {}
+
+    def quantize_activation(self, x: torch.Tensor, state: Any = None) -> torch.Tensor:
         return x
 
     @classmethod

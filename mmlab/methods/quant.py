@@ -216,9 +216,13 @@ class CalibratedQuant(WeightQuant):
 
     def validate(self, ctx) -> None:
         super().validate(ctx)
-        if not isinstance(self.calib_samples, int) or self.calib_samples < 1:
-            raise MethodError(f"{self.name} needs calibration data: calib_samples must be >= 1 "
-                              f"(e.g. 16 windows of the offline corpus), got {self.calib_samples!r}")
+        check_calibration(self)
+
+
+def check_calibration(method) -> None:
+    if isinstance(method.calib_samples, bool) or not isinstance(method.calib_samples, int) or method.calib_samples < 1:
+        raise MethodError(f"{method.name} needs calibration data: calib_samples must be >= 1 "
+                          f"(e.g. 16 windows of the offline corpus), got {method.calib_samples!r}")
 
 
 @register
@@ -478,7 +482,7 @@ class ActQuant(RTN):
         super().validate(ctx)
         check_bits(self.name, self.act_bits, "act_bits")
 
-    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_activation(self, x: torch.Tensor, state=None) -> torch.Tensor:
         return per_token(x, self.act_bits)
 
 
@@ -506,8 +510,70 @@ class ActivationQuant(Method):
     def validate(self, ctx) -> None:
         check_bits(self.name, self.act_bits, "act_bits")
 
-    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+    def quantize_activation(self, x: torch.Tensor, state=None) -> torch.Tensor:
         return per_token(x, self.act_bits)
+
+
+def fmpq_order(absmax: torch.Tensor, block_size: int, high_fraction: float) -> tuple[torch.Tensor, int]:
+    """COMET's channel permutation: the ``ceil(high_fraction x blocks)`` blocks' worth of channels
+    with the largest calibration max |x| first (largest first), then the others in their order.
+    Returns (permutation, number of leading channels kept at high precision)."""
+    c = absmax.numel()
+    n_high = min(c, math.ceil(round(high_fraction * math.ceil(c / block_size), 9)) * block_size)
+    top = torch.argsort(absmax, descending=True, stable=True)[:n_high]
+    rest = torch.ones(c, dtype=torch.bool)
+    rest[top] = False
+    return torch.cat([top, rest.nonzero().flatten()]), n_high
+
+
+def per_token_blocks(x: torch.Tensor, block_size: int, bits: int) -> torch.Tensor:
+    """Per-token symmetric quantization with one scale per ``block_size`` channels (the last block
+    may be shorter)."""
+    return torch.cat([per_token(b, bits) for b in x.split(block_size, dim=-1)], dim=-1)
+
+
+@register
+@dataclass
+class FMPQ(ActivationQuant):
+    """COMET's fine-grained mixed-precision activation quantization (FMPQ; Liu et al., "COMET:
+    Towards Practical W4A4KV4 LLMs Serving", ASPLOS 2025, Sec. 3.2): each linear's input channels
+    are cut into blocks of ``block_size``; the outlier channels, located on calibration activations,
+    are permuted into as few blocks as possible, quantized at ``high_bits`` (INT8), every other
+    block at ``act_bits`` (INT4); per token and block, dynamic, symmetric. The paper names no
+    outlier threshold: we keep the channels with the largest calibration max |x| in
+    ``ceil(high_fraction x blocks)`` blocks, ``high_fraction`` = 0.16 its reported average share
+    of 8-bit activations. Compose with weights and KV, e.g. ``gptq(bits=4)+fmpq+kivi(bits=4)``."""
+
+    name: ClassVar[str] = "fmpq"
+    knob: ClassVar[str] = "high_fraction"
+    act_bits: int = 4
+    high_bits: int = 8
+    block_size: int = 128  # the paper's k: a multiple of the tensor cores' k granularity
+    high_fraction: float = 0.16
+    calib_samples: int = 16
+    calib_len: int = 512
+
+    def validate(self, ctx) -> None:
+        check_bits(self.name, self.act_bits, "act_bits")
+        check_bits(self.name, self.high_bits, "high_bits")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise MethodError(f"{self.name}: block_size must be a positive integer (the paper: 128), "
+                              f"got {self.block_size!r}")
+        if not isinstance(self.high_fraction, (int, float)) or not 0 <= self.high_fraction <= 1:
+            raise MethodError(f"{self.name}: high_fraction must be in [0, 1] (the share of channel blocks "
+                              f"kept at high_bits), got {self.high_fraction!r}")
+        check_calibration(self)
+
+    def calibrate_activations(self, wctx) -> dict[str, tuple[torch.Tensor, int]]:
+        absmax = wctx.input_absmax(wctx.calibration(self.calib_samples, self.calib_len))
+        return {n: fmpq_order(a, self.block_size, self.high_fraction) for n, a in absmax.items()}
+
+    def quantize_activation(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        perm, n_high = state  # (in_features,) permutation, outlier channels first
+        xp = x[..., perm]
+        parts = [(xp[..., :n_high], self.high_bits), (xp[..., n_high:], self.act_bits)]
+        q = torch.cat([per_token_blocks(p, self.block_size, b) for p, b in parts if p.shape[-1]], dim=-1)
+        return q[..., torch.argsort(perm)]
 
 
 # --- KV cache -----------------------------------------------------------------------------
