@@ -122,3 +122,36 @@ def test_awq_scales_follow_the_official_formula():
     assert torch.allclose(awq_scales(x_mean, 0.5), torch.tensor([0.5, 1.0, 2.0]))
     assert torch.equal(awq_scales(x_mean, 0.0), torch.ones(3))
     assert torch.allclose(awq_scales(torch.tensor([0.0, 1.0]), 1.0), torch.tensor([1e-4, 1.0]) / 1e-2)
+
+
+def test_spqr_leave_one_out_and_threshold_follow_the_official_rule():
+    """Vahe1994/SpQR ``spqr_engine.py``: ``get_leave_one_out_error`` returns, per weight, the drop
+    of the row's scaled squared error when the group's quantizer is fitted without it (and it is
+    not quantized); weights whose drop exceeds tau are replaced by the mean of the row's others
+    while the statistics are fitted. Row [0, 1, 2, 10], 2 bits asymmetric, unit H^-1 diagonal:
+    full fit scale 10/3 -> errors 0, 1, 4/3, 0 (sum 25/9); without 10: scale 2/3 -> 1/9 left;
+    without 2: 1; without 1: 16/9; without 0: the range is still [0, 10] -> no drop.
+    tau = threshold x mean_j var(W[:, j]) / [H^-1 Cholesky]_jj^2 (``outlier_scale``)."""
+    from mmlab.methods.quant import spqr_fit_group, spqr_loo_reduction
+
+    grp = torch.tensor([[0.0, 1.0, 2.0, 10.0]])
+    red = spqr_loo_reduction(grp, torch.ones(4), 2, False)
+    assert torch.allclose(red, torch.tensor([[0.0, 1.0, 16 / 9, 25 / 9 - 1 / 9]]), atol=1e-5)
+    assert spqr_fit_group(grp, torch.ones(4), 2, False, tau=2.0).tolist() == [[0.0, 1.0, 2.0, 1.0]]
+    # with H = I (no error feedback) the whole rule is checkable group by group
+    from mmlab.methods.quant import gptq, qparams, quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 32, generator=g) * 0.1
+    w[2, 7] = 3.0
+    q, n_out, _ = gptq(w, torch.eye(32), 3, 16, False, damp=0.0, outlier_threshold=0.2)
+    tau = 0.2 * float(w.var(0).mean())
+    want, n_want = [], 0
+    for c in (0, 16):
+        grp = w[:, c:c + 16]
+        scale, zero, maxq = qparams(spqr_fit_group(grp, torch.ones(16), 3, False, tau), 3, False)
+        qg = quantize(grp, scale, zero, maxq, divide=True)
+        out = (grp - qg) ** 2 > tau
+        want.append(torch.where(out, grp, qg))
+        n_want += int(out.sum())
+    assert torch.equal(q, torch.cat(want, 1)) and q[2, 7] == 3.0 and n_out == n_want >= 1

@@ -107,9 +107,11 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group_size: int | None, s
     """GPTQ (Frantar et al., 2023): quantize columns left to right; push each column's
     error onto the not-yet-quantized columns through the inverse Hessian's Cholesky factor.
 
-    ``bits``: scalar, (rows,) or (rows, groups). With ``outlier_threshold`` (SpQR), a weight
-    whose scaled error ((w - q(w)) / [H^-1]_jj)^2 exceeds the threshold times its column's
-    mean is kept exactly and excluded from its group's statistics; with ``stat_bits`` the
+    ``bits``: scalar, (rows,) or (rows, groups). With ``outlier_threshold`` (SpQR, its official
+    rule): tau = threshold x mean_j var(W[:, j]) / [H^-1 Cholesky]_jj^2 for the layer; a group's
+    statistics are fitted with the weights whose leave-one-out error reduction exceeds tau replaced
+    by the mean of the others in their row, and a weight whose scaled squared error
+    ((w - q(w)) / [H^-1 Cholesky]_jj)^2 exceeds tau is kept exactly; with ``stat_bits`` the
     group scales and zeros are themselves quantized (asymmetric, per 16 rows). Returns the
     de-quantized weight, the number of outliers and the group statistics' bits.
     """
@@ -123,6 +125,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group_size: int | None, s
     w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, device=w.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    tau = None if outlier_threshold is None else outlier_threshold * float((w.var(0) / hinv.diagonal() ** 2).mean())
     q = torch.zeros_like(w)
     outliers = torch.zeros_like(w, dtype=torch.bool)
     stat_total = 0.0
@@ -134,19 +137,19 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group_size: int | None, s
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:  # a new group: statistics from the current (error-updated) weights
-                grp = w[:, col:col + g]  # as GPTQ's code: W as updated by the previous blocks
+                # GPTQ's code: W as updated by the previous blocks; SpQR's: as updated column by column
+                grp = w[:, col:col + g] if tau is None else torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :g]
                 b = bits_t[:, col // g]
-                if outlier_threshold is not None:  # outliers leave the group's statistics
-                    keep = _spqr_outliers(grp, hinv.diagonal()[col:col + g], b, sym, outlier_threshold)
-                    outliers[:, col:col + g] = ~keep
-                    grp = grp.masked_fill(~keep, 0.0)
+                if tau is not None:  # likely outliers leave the group's statistics
+                    grp = spqr_fit_group(grp, hinv.diagonal()[col:col + g], b, sym, tau)
                 scale, zero, maxq = qparams(grp, b, sym)
                 if stat_bits is not None:
                     scale, zero = _quantize_stats(scale, stat_bits), _quantize_stats(zero, stat_bits).round()
                 stat_total += float(stat_bits_per_group(b, sym).sum()) if stat_bits is None else 0.0
             x, d = w1[:, i], hinv1[i, i]
             qx = quantize(x[:, None], scale, zero, maxq, divide=True)[:, 0]  # IST-DASLab/gptq quant.py
-            if outlier_threshold is not None:
+            if tau is not None:  # SpQR: a weight whose scaled error is above tau stays exact
+                outliers[:, col] = ((x - qx) / d) ** 2 > tau
                 qx = torch.where(outliers[:, col], x, qx)
             q[:, col] = qx
             e = (x - qx) / d
@@ -159,11 +162,30 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group_size: int | None, s
     return q, int(outliers.sum()), stat_total
 
 
-def _spqr_outliers(grp, hinv_diag, bits, sym, threshold):
-    """SpQR's outlier test on one group: True = keep in the quantized group."""
+def spqr_loo_reduction(grp: torch.Tensor, hinv_diag: torch.Tensor, bits, sym: bool) -> torch.Tensor:
+    """SpQR's leave-one-out test (Vahe1994/SpQR ``get_leave_one_out_error``): per weight of a
+    (rows, g) group, how much the row's scaled squared error sum_j ((w_j - q(w_j)) / d_j)^2 drops
+    when the quantizer is fitted without that weight and the weight is not quantized."""
+    rows, g = grp.shape
+    idx = torch.arange(g)
+    loo = idx[1:] - (idx[:, None] >= idx[1:]).long()  # (g, g-1): every column but the j-th
+    data = grp[:, loo].reshape(rows * g, g - 1)
+    b = bits.repeat_interleave(g) if torch.is_tensor(bits) and bits.dim() else bits
+    scale, zero, maxq = qparams(data, b, sym)
+    rec = quantize(data, scale, zero, maxq, divide=True).reshape(rows, g, g - 1)
+    loo_err = ((rec - grp[:, loo]) / hinv_diag[loo]).square().sum(-1)  # (rows, g)
     scale, zero, maxq = qparams(grp, bits, sym)
-    err = ((grp - quantize(grp, scale, zero, maxq, divide=True)) / hinv_diag[None, :]) ** 2
-    return err <= threshold * err.mean()
+    base = ((quantize(grp, scale, zero, maxq, divide=True) - grp) / hinv_diag).square().sum(1, keepdim=True)
+    return base - loo_err
+
+
+def spqr_fit_group(grp: torch.Tensor, hinv_diag: torch.Tensor, bits, sym: bool, tau: float) -> torch.Tensor:
+    """The weights SpQR fits a group's statistics on: likely outliers (leave-one-out reduction
+    above ``tau``) replaced by the mean of the row's other weights."""
+    likely = spqr_loo_reduction(grp, hinv_diag, bits, sym) > tau
+    keep = (~likely).float()
+    mean = (grp * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(likely, mean, grp)
 
 
 def _quantize_stats(stat: torch.Tensor, stat_bits: int) -> torch.Tensor:
@@ -408,15 +430,16 @@ class SliM(GPTQ):
 @dataclass
 class SpQR(GPTQ):
     """SpQR (Dettmers et al., ICLR 2024): GPTQ with small groups (16) whose scales and zeros
-    are themselves quantized (3 bits, per 16 groups), plus unstructured outliers - weights
-    whose scaled quantization error exceeds ``outlier_threshold`` times their group column's
-    mean - kept in fp16 (value + 16-bit index)."""
+    are themselves quantized (3 bits, per 16 groups), plus unstructured outliers kept in fp16
+    (value + 16-bit index): weights whose scaled squared error exceeds ``outlier_threshold``
+    times the layer's mean var(W[:, j]) / [H^-1 Cholesky]_jj^2 (the official rule and its README's
+    threshold 0.2; see ``gptq``)."""
 
     name: ClassVar[str] = "spqr"
     bits: int = 3
     group_size: int | None = 16
     stat_bits: int = 3
-    outlier_threshold: float = 10.0
+    outlier_threshold: float = 0.2
 
     def validate(self, ctx) -> None:
         super().validate(ctx)
