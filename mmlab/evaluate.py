@@ -318,7 +318,8 @@ def _metrics(res) -> dict:
 
 
 def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseline: bool = True, window: int = 512,
-         context: int | None = None, max_windows: int | None = 8, progress: bool = True):
+         context: int | None = None, max_windows: int | None = 8, progress: bool = True,
+         other_texts: dict[str, str] | None = None):
     """One row per configuration: accuracy on ``samples`` (with per-type accuracy, FLOPs, KV bytes,
     times) or perplexity of ``text`` (``window`` / ``context`` / ``max_windows`` as ``perplexity``),
     plus the weight bits, packed bytes and one-time quantization seconds of weight methods.
@@ -330,12 +331,17 @@ def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseli
 
     The configurations without weight quantization run together, sample by sample (those whose
     methods act only after the prefill share each sample's dense prefill and scores), so their
-    ``seconds`` is their batch's wall-clock divided among them; a weight configuration is timed alone."""
+    ``seconds`` is their batch's wall-clock divided among them; a weight configuration is timed alone.
+    ``other_texts`` ({name: text}) adds a ``perplexity_<name>`` column per text (same windows), e.g.
+    a domain the calibration never saw."""
     import pandas as pd
 
     if (text is None) == (samples is None):
         raise MethodError("grid needs exactly one of samples= (accuracy) or text= (perplexity)")
     ppl_kw = dict(window=window, context=context, max_windows=max_windows)
+    others = other_texts or {}
+    if others and samples is not None:
+        raise MethodError("other_texts= adds perplexity columns: use it with text=, not samples=")
     points = ([{"method": "none"}] if baseline else []) + list(configs)
     rows, lists = [], {}
     for k, cfg in enumerate(points):
@@ -353,8 +359,11 @@ def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseli
     for k, res in zip(batch, results):
         rows[k].update({"error": str(res)} if isinstance(res, MethodError) else _metrics(res))
         rows[k]["seconds"] = (time.perf_counter() - t) / len(batch)
+    for name, other in others.items():
+        for k, res in zip(batch, _measure(bundle, [lists[k] for k in batch], None, other, ppl_kw) if batch else []):
+            rows[k][f"perplexity_{name}"] = getattr(res, "perplexity", float("nan"))
     for k in tqdm([k for k in lists if k not in batch], desc=f"grid {bundle.name}", disable=not progress):
-        rows[k].update(_weight_point(bundle, lists[k], samples, text, ppl_kw))
+        rows[k].update(_weight_point(bundle, lists[k], samples, text, ppl_kw, others))
     df = pd.DataFrame(rows)
     if baseline:
         for col in ("keep_ratio", "budget"):
@@ -365,8 +374,9 @@ def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseli
     return df
 
 
-def _weight_point(bundle, methods: list, samples, text, ppl_kw) -> dict:
-    """A weight-quantized configuration: its one-time quantization (timed), then its evaluation."""
+def _weight_point(bundle, methods: list, samples, text, ppl_kw, others: dict) -> dict:
+    """A weight-quantized configuration: its one-time quantization (timed), then its evaluation
+    (and its perplexity on each of ``others``)."""
     t = time.perf_counter()
     try:
         wq = [m for m in methods if m.quantizes_weights]
@@ -374,10 +384,13 @@ def _weight_point(bundle, methods: list, samples, text, ppl_kw) -> dict:
         row = {} if qw is None else {"quantize_s": time.perf_counter() - t, "weight_bits": qw.weight_bits,
                                      "packed_bytes": qw.packed_bytes, "outliers": qw.outliers}
         res = _measure(bundle, [methods], samples, text, ppl_kw)[0]
+        row["seconds"] = time.perf_counter() - t
+        for name, other in others.items():
+            row[f"perplexity_{name}"] = getattr(_measure(bundle, [methods], None, other, ppl_kw)[0], "perplexity",
+                                                float("nan"))
     except MethodError as e:
         return {"error": str(e)}
-    return {**row, **({"error": str(res)} if isinstance(res, MethodError) else _metrics(res)),
-            "seconds": time.perf_counter() - t}
+    return {**row, **({"error": str(res)} if isinstance(res, MethodError) else _metrics(res))}
 
 
 # --- per-layer statistics -------------------------------------------------------------------------------

@@ -139,13 +139,13 @@ class WeightContext:
         self._carry: dict[str, list] = {}  # layer name -> its (args, kwargs) per calibration sample
 
     # --- data ---------------------------------------------------------------------------
-    def calibration(self, n: int, length: int) -> Calibration:
-        """``n`` calibration samples, the adapter's way: ``length``-token windows from the end of the
-        offline corpus (perplexity is measured from its start) for text LMs; training-split shapes
-        questions for VLMs."""
+    def calibration(self, n: int, length: int, data: str = "mixed") -> Calibration:
+        """``n`` calibration samples, the adapter's way: ``length``-token windows of the ``data`` text
+        set (``mixed`` / ``docstrings``, never the perplexity text) for text LMs; training-split
+        shapes questions for VLMs."""
         if n < 1:
             raise MethodError(f"calibration needs at least one sample, got {n}")
-        return Calibration(self.bundle.adapter.calibration(n, length), key=(n, length))
+        return Calibration(self.bundle.adapter.calibration(n, length, data), key=(n, length, data))
 
     @torch.no_grad()
     def _layer_inputs(self, layer: str, calib) -> list:
@@ -240,6 +240,10 @@ class WeightContext:
         one object (AWQ groups them). Evenly subsampled to ``max_tokens`` rows (``shared``)."""
         return self._shared(("inputs", tuple(names), max_tokens), calib,
                             lambda: self._collect_inputs(names, calib, max_tokens))
+
+    def current_inputs(self, names: list[str], calib, max_tokens: int = 2048) -> dict[str, torch.Tensor]:
+        """As ``inputs``, but on the current (partly quantized) weights and never kept."""
+        return self._collect_inputs(names, calib, max_tokens)
 
     def _shared(self, item: tuple, calib, compute):
         """``compute()``, kept for every later context on the same model, targets and calibration set

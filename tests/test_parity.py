@@ -155,3 +155,25 @@ def test_spqr_leave_one_out_and_threshold_follow_the_official_rule():
         want.append(torch.where(out, grp, qg))
         n_want += int(out.sum())
     assert torch.equal(q, torch.cat(want, 1)) and q[2, 7] == 3.0 and n_out == n_want >= 1
+
+
+def test_slim_salience_and_search_criterion_follow_the_official_code():
+    """Aaronhuang-778/SliM-LLM ``slim-llm/slim_gptq.py``: a block's salience is
+    sum W[:, block]^2 / diag(Hinv)^2 with Hinv = cholesky(cholesky_inverse(cholesky(H)), upper=True)
+    (the Cholesky factor GPTQ uses, not H^-1's diagonal); ``utils/bitsearch.py`` tries k = 1 ..
+    blocks/2 - 1 (k blocks up a bit, k down) and ``utils/reconstruct.py`` scores each by
+    F.kl_div(log softmax(out), softmax(X Q(W)^T), 'batchmean') with both clamped at 1e-6.
+    For diagonal H = diag(1, 4, 1, 4), U_jj = 1 / sqrt(H_jj): w = [[1, 1, 2, 0], [0, 1, 0, 1]]
+    -> blocks of 2: (1 + 1 x 4 + 0 + 1 x 4) = 9 and (4 x 1 + 0 + 0 + 1 x 4) = 8."""
+    import torch.nn.functional as F
+
+    from mmlab.methods.quant import slim_kl, slim_salience
+
+    h = torch.diag(torch.tensor([1.0, 4.0, 1.0, 4.0]))
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).diagonal()
+    w = torch.tensor([[1.0, 1.0, 2.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    assert torch.allclose(slim_salience(w, u, 2), torch.tensor([9.0, 8.0]))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    official = F.kl_div(torch.log(b.softmax(-1).clamp(min=1e-6)), a.softmax(-1).clamp(min=1e-6), reduction="batchmean")
+    assert abs(slim_kl(a, b) - float(official)) < 1e-6

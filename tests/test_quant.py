@@ -276,6 +276,10 @@ def test_methods_compose(tiny, test_samples):
     ("rtn", {"group_size": 128}, "group_size 128 does not divide in_features 576"),
     ("gptq", {"calib_samples": 0}, "needs calibration data"),
     ("awq", {"calib_samples": 0}, "needs calibration data"),
+    ("gptq", {"calib_data": "c4"}, "calib_data must be one of mixed, docstrings"),
+    ("fmpq", {"calib_data": "c4"}, "calib_data must be one of mixed, docstrings"),
+    ("fmpq", {"block_size": 0}, "block_size must be a positive integer"),
+    ("slim", {"criterion": "mse"}, "criterion must be kl"),
     ("rtn", {"targets": "vision"}, "no 'vision' linears"),
     ("rtn", {"targets": "lm"}, "targets must be one of llm, vision, all"),
     ("act_quant", {"act_bits": 16}, "act_bits must be an integer in 1..8"),
@@ -284,6 +288,24 @@ def test_methods_compose(tiny, test_samples):
 def test_invalid_configs_get_clear_errors(smol, name, params, match):
     with pytest.raises(MethodError, match=match):
         mmlab.run(smol, "Hi", [get(name, **params)], max_new_tokens=1)
+
+
+def test_calibration_windows_never_read_the_perplexity_text(smol):
+    """Perplexity reads the offline corpus from its start; the mixed calibration set draws from its
+    second half and the language reference, the docstring set from its tail; both reproducible."""
+    from mmlab.data.text import calibration_windows, reference_corpus
+
+    tok = smol.tokenizer
+    ids = tok(mmlab.data.offline_corpus(), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    head = {tuple(ids[i:i + 8].tolist()) for i in range(0, 16 * 512, 8)}
+    for data in ("mixed", "docstrings"):
+        wins = calibration_windows(tok, 6, 256, data)
+        assert len(wins) == 6 and all(len(w) == 256 for w in wins)
+        assert all(torch.equal(a, b) for a, b in zip(wins, calibration_windows(tok, 6, 256, data)))
+        grams = {tuple(w[i:i + 8].tolist()) for w in wins for i in range(0, 248)}
+        assert len(grams & head) < 3  # (common 8-token phrases aside)
+    mixed, ref = calibration_windows(tok, 6, 256, "mixed"), reference_corpus()
+    assert all(tok.decode(w) in ref for w in mixed[1::2])  # every other window: the language reference
 
 
 def test_composition_errors(smol):

@@ -13,7 +13,7 @@ engine, the weight swap and the harnesses ask of a model:
     attention_logits(layer, hidden, pe, keys, rows) -> its pre-softmax scores, recomputed beside
                                    SDPA with q_norm / softcapping / sliding windows where it has them
     weighted_layer(...)         -> x + attn(x) + w * mlp(...) (p-MoD's routed-token update)
-    calibration(n, length)      -> calibration inputs for the weight quantizers
+    calibration(n, length, data) -> calibration inputs for the weight quantizers
 
 Adapters are found through a registry keyed by the config's ``model_type`` (the pattern
 transformers uses for its own auto classes); nothing outside ``mmlab/arch/`` branches on an
@@ -290,14 +290,12 @@ class Adapter:
                       torch.full((ids.shape[1],), -1, dtype=torch.long))
 
     # --- data for the weight quantizers -----------------------------------------------------
-    def calibration(self, n: int, length: int) -> list[Inputs]:
-        """``n`` windows of ``length`` tokens from the end of the offline corpus (perplexity is
-        measured from its start, so calibration and evaluation text do not overlap)."""
-        from mmlab.data import offline_corpus
+    def calibration(self, n: int, length: int, data: str = "mixed") -> list[Inputs]:
+        """``n`` windows of ``length`` tokens of calibration text (``mmlab.data.calibration_windows``:
+        ``mixed`` or ``docstrings``), never from the text perplexity is measured on."""
+        from mmlab.data.text import calibration_windows
 
-        ids = self.tokenizer(offline_corpus(), return_tensors="pt", add_special_tokens=False).input_ids[0]
-        if len(ids) < n * length:
-            raise MethodError(f"the offline corpus has {len(ids)} tokens, fewer than {n} x {length} calibration "
-                              f"tokens; lower calib_samples or calib_len")
-        tail = ids[len(ids) - n * length:]
-        return [Inputs(tail[i * length:(i + 1) * length][None]) for i in range(n)]
+        try:
+            return [Inputs(w[None]) for w in calibration_windows(self.tokenizer, n, length, data)]
+        except ValueError as e:
+            raise MethodError(str(e)) from None

@@ -85,8 +85,8 @@ class VisionLanguageAdapter(Adapter):
         source = torch.cat(keep_idx).to(ids.device)
         return Prompt(torch.cat(pieces)[None], self.pruned_positions(inputs, source), source, modality)
 
-    def calibration(self, n: int, length: int) -> list[Inputs]:
-        """``n`` training-split shapes questions (image + text); ``length`` is not used."""
+    def calibration(self, n: int, length: int, data: str = "mixed") -> list[Inputs]:
+        """``n`` training-split shapes questions (image + text); ``length`` and ``data`` are not used."""
         from mmlab.data import shapes
 
         return [self.encode(s) for s in shapes(n, seed=0, split="train")]

@@ -3,6 +3,9 @@
 ``offline_corpus()``: docstrings of a fixed list of Python standard-library modules (and
 their public classes and functions), in a fixed order: real English technical prose,
 identical on every machine with the same Python minor version.
+``reference_corpus()``: the Python language reference's topics as pydoc ships them (technical
+prose of another kind than docstrings), part of the mixed calibration set.
+``calibration_windows(tokenizer, n, length, data)``: the weight quantizers' calibration windows.
 ``prose_corpus()``: the distinct license texts Debian ships in every install (base-files'
 ``/usr/share/common-licenses``): natural English prose of another domain than the docstrings,
 never used for calibration (the out-of-domain perplexity text).
@@ -72,6 +75,46 @@ def prose_corpus() -> str:
         raise RuntimeError(f"prose_corpus() reads Debian's license texts in {LICENSES} (package base-files); "
                            f"missing here: {', '.join(missing)}. Pass another text, e.g. mmlab.data.wikitext2()")
     return "\n\n".join((root / f).read_text(encoding="utf-8", errors="replace").strip() for f in PROSE_FILES)
+
+
+def reference_corpus() -> str:
+    """``pydoc_data.topics`` joined in key order (about 470 kB, ~110k SmolLM2 tokens)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def calibration_windows(tokenizer, n: int, length: int, data: str = "mixed") -> list:
+    """``n`` windows of ``length`` token ids (1-D tensors) for calibration, never from the text
+    perplexity is measured on. ``docstrings``: consecutive windows from the end of the offline corpus
+    (perplexity reads its start). ``mixed``: windows at random offsets (seed 0, as GPTQ draws C4),
+    alternating between the second half of the offline corpus and the language reference."""
+    import torch
+
+    def ids(text):
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+
+    if data == "docstrings":
+        toks = ids(offline_corpus())
+        if len(toks) < n * length:
+            raise ValueError(f"the offline corpus has {len(toks)} tokens, fewer than {n} x {length} calibration "
+                             f"tokens; lower calib_samples or calib_len")
+        tail = toks[len(toks) - n * length:]
+        return [tail[i * length:(i + 1) * length] for i in range(n)]
+    if data != "mixed":
+        raise ValueError(f"calib_data must be mixed or docstrings, got {data!r}")
+    doc = ids(offline_corpus())
+    sources = [doc[len(doc) // 2:], ids(reference_corpus())]
+    short = [len(src) for src in sources if len(src) <= length]
+    if short:
+        raise ValueError(f"calib_len {length} is longer than a calibration source ({min(short)} tokens)")
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        src = sources[i % len(sources)]
+        start = int(torch.randint(0, len(src) - length, (1,), generator=g))
+        out.append(src[start:start + length])
+    return out
 
 
 def prose_id() -> str:

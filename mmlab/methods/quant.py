@@ -28,6 +28,7 @@ import torch
 from mmlab.methods.base import Method, MethodError, register
 
 TARGETS = ("llm", "vision", "all")
+CALIBRATION_DATA = ("mixed", "docstrings")  # the text sets of mmlab.data.calibration_windows
 SCALE_BITS = 16  # one fp16 scale per group (and an fp16 value + 16-bit index per outlier)
 
 
@@ -229,22 +230,35 @@ class WeightQuant(Method):
 
 
 @dataclass
-class CalibratedQuant(WeightQuant):
-    """A weight quantizer that reads calibration data: ``calib_samples`` x ``calib_len`` tokens
-    (windows from the end of the offline corpus for text LMs, image questions for VLMs)."""
+class Calibrated:
+    """Calibration data of a quantizer: ``calib_samples`` x ``calib_len`` tokens of ``calib_data``
+    (``mixed``: random windows of the offline corpus's second half and the Python language
+    reference; ``docstrings``: the offline corpus's tail) for text LMs, training-split image
+    questions for VLMs; never the text perplexity is measured on."""
 
-    calib_samples: int = 16
+    calib_samples: int = 64
     calib_len: int = 512
+    calib_data: str = "mixed"
+
+    def calibration(self, wctx):
+        return wctx.calibration(self.calib_samples, self.calib_len, self.calib_data)
+
+    def check_calibration(self) -> None:
+        if isinstance(self.calib_samples, bool) or not isinstance(self.calib_samples, int) or self.calib_samples < 1:
+            raise MethodError(f"{self.name} needs calibration data: calib_samples must be >= 1 "
+                              f"(e.g. 64 windows of 512 tokens), got {self.calib_samples!r}")
+        if self.calib_data not in CALIBRATION_DATA:
+            raise MethodError(f"{self.name}: calib_data must be one of {', '.join(CALIBRATION_DATA)}, "
+                              f"got {self.calib_data!r}")
+
+
+@dataclass
+class CalibratedQuant(Calibrated, WeightQuant):
+    """A weight quantizer that reads calibration data (see ``Calibrated``)."""
 
     def validate(self, ctx) -> None:
         super().validate(ctx)
-        check_calibration(self)
-
-
-def check_calibration(method) -> None:
-    if isinstance(method.calib_samples, bool) or not isinstance(method.calib_samples, int) or method.calib_samples < 1:
-        raise MethodError(f"{method.name} needs calibration data: calib_samples must be >= 1 "
-                          f"(e.g. 16 windows of the offline corpus), got {method.calib_samples!r}")
+        self.check_calibration()
 
 
 @register
@@ -284,7 +298,7 @@ class GPTQ(CalibratedQuant):
     def run_gptq(self, wctx, bits_of) -> None:
         """Block by block: Hessians from the calibration set on the (partly quantized) model,
         then GPTQ on each linear with ``bits_of(name, hessian)`` bits (scalar, per row or per group)."""
-        calib = wctx.calibration(self.calib_samples, self.calib_len)
+        calib = self.calibration(wctx)
         for block in wctx.blocks:
             hessians = wctx.hessians(block, calib)
             for name in block:
@@ -322,7 +336,7 @@ class AWQ(CalibratedQuant):
 
     def quantize_weights(self, wctx) -> None:
         self.check_shapes(wctx)
-        calib = wctx.calibration(self.calib_samples, self.calib_len)
+        calib = self.calibration(wctx)
         done = {}  # written at the end: every block searches on full-precision inputs, as AWQ's run_awq
         for block in wctx.blocks:  # (which takes a layer's outputs before its scales and clips are applied)
             inputs = wctx.inputs(block, calib, max_tokens=2048)  # shared by every AWQ config of the model
@@ -392,38 +406,68 @@ def _shared_input_groups(block: list[str], inputs: dict) -> list[list[str]]:
 @register
 @dataclass
 class SliM(GPTQ):
-    """SliM-LLM (Huang et al., ICML 2025): salience-driven group bit allocation on top of
-    GPTQ. A column group's salience is sum w^2 / [H^-1]_jj^2; the k most salient groups get
-    ``bits + 1``, the k least salient ``bits - 1`` (average stays ``bits``), with k searched
-    per layer to minimise the Hessian-weighted quantization error."""
+    """SliM-LLM (Huang et al., ICML 2025): salience-driven group bit allocation (SBA) on top of
+    GPTQ. A column group's salience is sum w^2 / U_jj^2 (U: the upper Cholesky factor of H^-1, as
+    GPTQ uses it); the k most salient groups get ``bits + 1``, the k least salient ``bits - 1``
+    (average stays ``bits``). k in 1 .. groups/2 - 1 minimises, per layer, ``criterion``: ``kl``
+    (the official code's: KL(softmax(X Q(W)^T) || softmax(X W^T)) over output channels, mean over
+    calibration tokens, X the layer's inputs on the partly quantized model) or ``hessian`` (the
+    output error tr(dW H dW^T))."""
 
     name: ClassVar[str] = "slim"
     bits: int = 2
+    criterion: str = "kl"
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        if self.criterion not in ("kl", "hessian"):
+            raise MethodError(f"slim: criterion must be kl (the official search) or hessian, got {self.criterion!r}")
 
     def quantize_weights(self, wctx) -> None:
         self.check_shapes(wctx)
-        self.run_gptq(wctx, lambda name, hessian: self.allocate(wctx, name, hessian))
+        calib, inputs = self.calibration(wctx), {}
 
-    def allocate(self, wctx, name, hessian):
+        def bits_of(name, hessian):
+            if self.criterion == "kl" and name not in inputs:  # one forward per block, on its current inputs
+                block = next(b for b in wctx.blocks if name in b)
+                inputs.clear()
+                inputs.update(wctx.current_inputs(block, calib))
+            return self.allocate(wctx, name, hessian, inputs.get(name))
+        self.run_gptq(wctx, bits_of)
+
+    def allocate(self, wctx, name, hessian, x=None):
         w = wctx.linears[name].weight.float()
         rows, cols = w.shape
         g = cols if self.group_size is None else self.group_size
         n_groups = cols // g
         h = hessian + self.damp * hessian.diagonal().mean() * torch.eye(cols)
-        hinv_diag = torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
-        salience = (w.pow(2) / hinv_diag.pow(2)[None, :]).sum(0).reshape(n_groups, g).sum(1)
-        order = salience.argsort(descending=True)
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).diagonal()
+        order = slim_salience(w, u, g).argsort(descending=True)
         best, best_bits = float("inf"), None
-        for k in range(0, n_groups // 2 + 1):
+        for k in range(1, max(2, n_groups // 2)):
             b = torch.full((n_groups,), self.bits)
             b[order[:k]] = min(8, self.bits + 1)
-            b[order[n_groups - k:] if k else order[:0]] = max(1, self.bits - 1)
-            d = w - rtn(w, b.expand(rows, -1), self.group_size, self.sym)
-            err = float(((d @ h) * d).sum())  # the layer's output error tr(dW H dW^T)
+            b[order[n_groups - k:]] = max(1, self.bits - 1)
+            wq = rtn(w, b.expand(rows, -1), self.group_size, self.sym)
+            err = slim_kl(x @ wq.T, x @ w.T) if self.criterion == "kl" else float((((w - wq) @ h) * (w - wq)).sum())
             if err < best:
                 best, best_bits = err, b
         wctx.note(name, group_bits=best_bits.tolist())
         return best_bits.expand(rows, -1)
+
+
+def slim_salience(w: torch.Tensor, u_diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """SliM-LLM's group salience (Aaronhuang-778/SliM-LLM ``slim_gptq.py``): sum over a group's
+    columns of w^2 / U_jj^2, U the upper Cholesky factor of the damped H^-1."""
+    return (w.pow(2) / u_diag.pow(2)[None, :]).sum(0).reshape(-1, group_size).sum(1)
+
+
+def slim_kl(quantized: torch.Tensor, original: torch.Tensor) -> float:
+    """The official search's criterion (``utils/reconstruct.py`` ``kl_div``): softmax over output
+    channels, both clamped at 1e-6, sum p_q (log p_q - log p_o), mean over rows."""
+    p_q = quantized.softmax(-1).clamp(min=1e-6)
+    p_o = original.softmax(-1).clamp(min=1e-6)
+    return float((p_q * (p_q.log() - p_o.log())).sum(-1).mean())
 
 
 @register
@@ -473,7 +517,7 @@ class MixLLM(GPTQ):
 
     def quantize_weights(self, wctx) -> None:
         self.check_shapes(wctx)
-        grads = wctx.gradients(wctx.calibration(self.calib_samples, self.calib_len))
+        grads = wctx.gradients(self.calibration(wctx))
         salience = {}
         for name, mod in wctx.linears.items():
             w = mod.weight.float()
@@ -557,7 +601,7 @@ def per_token_blocks(x: torch.Tensor, block_size: int, bits: int) -> torch.Tenso
 
 @register
 @dataclass
-class FMPQ(ActivationQuant):
+class FMPQ(Calibrated, ActivationQuant):
     """COMET's fine-grained mixed-precision activation quantization (FMPQ; Liu et al., "COMET:
     Towards Practical W4A4KV4 LLMs Serving", ASPLOS 2025, Sec. 3.2): each linear's input channels
     are cut into blocks of ``block_size``; the outlier channels, located on calibration activations,
@@ -573,8 +617,6 @@ class FMPQ(ActivationQuant):
     high_bits: int = 8
     block_size: int = 128  # the paper's k: a multiple of the tensor cores' k granularity
     high_fraction: float = 0.16
-    calib_samples: int = 16
-    calib_len: int = 512
 
     def validate(self, ctx) -> None:
         check_bits(self.name, self.act_bits, "act_bits")
@@ -585,10 +627,10 @@ class FMPQ(ActivationQuant):
         if not isinstance(self.high_fraction, (int, float)) or not 0 <= self.high_fraction <= 1:
             raise MethodError(f"{self.name}: high_fraction must be in [0, 1] (the share of channel blocks "
                               f"kept at high_bits), got {self.high_fraction!r}")
-        check_calibration(self)
+        self.check_calibration()
 
     def calibrate_activations(self, wctx) -> dict[str, tuple[torch.Tensor, int]]:
-        absmax = wctx.input_absmax(wctx.calibration(self.calib_samples, self.calib_len))
+        absmax = wctx.input_absmax(self.calibration(wctx))
         return {n: fmpq_order(a, self.block_size, self.high_fraction) for n, a in absmax.items()}
 
     def quantize_activation(self, x: torch.Tensor, state=None) -> torch.Tensor:
