@@ -11,14 +11,16 @@ Module order (``MODULE_ORDER``): a module imports only modules of earlier layers
 own layer's package base); imports point one way and never in a circle
 (``tests/test_imports.py`` checks both, imports inside functions included)::
 
-    data, threads             shapes VQA, offline text; threads that follow the sweep runner (leaves)
+    data, threads             shapes VQA, offline text (perplexity, calibration, out-of-domain prose);
+                              threads that follow the sweep runner (leaves)
     methods.base              the typed stage interface, registry (torch only)
     methods.*                 one file per family                 (methods.base + torch only)
     flops, trace              a run's FLOPs, and what it did
     arch                      one adapter per architecture family (registry by model_type)
     models                    load(name) -> Bundle (model + tokenizer + adapter)
     engine                    prefill / decode loop and its stages (methods only through base)
-    quantize                  weight methods, swapped in *around* the engine (calibration uses it)
+    quantize                  weight methods and activation quantizers (both calibrated once per
+                              model), swapped / hooked in *around* the engine (calibration uses it)
     evaluate                  run / prefill with the swap, evaluate, perplexity, grid
     recording, figures        mmlab.record, figures with provenance
     viz                       drawings read from Traces, the explorer
