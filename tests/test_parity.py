@@ -68,6 +68,20 @@ def test_gptq_symmetric_rounding_divides_as_the_official_code():
     assert torch.round(rtn(w, 4, None, True) / scale)[0, 4] == 1
 
 
+def test_gptq_hessian_normalisation_does_not_change_the_codes():
+    """IST-DASLab/gptq, gptq.py ``add_batch``: H = 2/n Σ x xᵀ with n counting *sequences*
+    (``inp.shape[0]``), where we divide by the number of tokens; damping is relative
+    (``percdamp * mean(diag H)``), so the two differ by a constant factor that cancels: with a
+    power-of-two factor (512 tokens per calibration window) the codes are bitwise identical."""
+    from mmlab.methods.quant import gptq
+
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(16, 64, generator=g), torch.randn(1024, 64, generator=g)
+    h = 2 * x.T @ x / len(x)
+    for bits, group in ((3, 16), (4, None)):
+        assert torch.equal(gptq(w, h, bits, group, False)[0], gptq(w, 512 * h, bits, group, False)[0])
+
+
 def _unit(c: float) -> list[float]:
     """A 4-d key at cosine ``c`` from e1."""
     return [c, (1 - c * c) ** 0.5, 0.0, 0.0]

@@ -276,8 +276,8 @@ def test_methods_compose(tiny, test_samples):
     ("rtn", {"group_size": 128}, "group_size 128 does not divide in_features 576"),
     ("gptq", {"calib_samples": 0}, "needs calibration data"),
     ("awq", {"calib_samples": 0}, "needs calibration data"),
-    ("gptq", {"calib_data": "c4"}, "calib_data must be one of mixed, docstrings"),
-    ("fmpq", {"calib_data": "c4"}, "calib_data must be one of mixed, docstrings"),
+    ("gptq", {"calib_data": "c4"}, "calib_data must be one of mixed, docstrings, prose"),
+    ("fmpq", {"calib_data": "c4"}, "calib_data must be one of mixed, docstrings, prose"),
     ("fmpq", {"block_size": 0}, "block_size must be a positive integer"),
     ("slim", {"criterion": "mse"}, "criterion must be kl"),
     ("rtn", {"targets": "vision"}, "no 'vision' linears"),
@@ -306,6 +306,10 @@ def test_calibration_windows_never_read_the_perplexity_text(smol):
         assert len(grams & head) < 3  # (common 8-token phrases aside)
     mixed, ref = calibration_windows(tok, 6, 256, "mixed"), reference_corpus()
     assert all(tok.decode(w) in ref for w in mixed[1::2])  # every other window: the language reference
+    prose = mmlab.data.prose_corpus()
+    start = tok.decode(tok(prose, add_special_tokens=False).input_ids[:4096])
+    for w in calibration_windows(tok, 4, 256, "prose"):  # the diagnostic set: never the prose's start
+        assert tok.decode(w) in prose and tok.decode(w) not in start
 
 
 def test_composition_errors(smol):

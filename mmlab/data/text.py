@@ -88,7 +88,9 @@ def calibration_windows(tokenizer, n: int, length: int, data: str = "mixed") -> 
     """``n`` windows of ``length`` token ids (1-D tensors) for calibration, never from the text
     perplexity is measured on. ``docstrings``: consecutive windows from the end of the offline corpus
     (perplexity reads its start). ``mixed``: windows at random offsets (seed 0, as GPTQ draws C4),
-    alternating between the second half of the offline corpus and the language reference."""
+    alternating between the second half of the offline corpus and the language reference.
+    ``prose``: random windows of the license prose's second half - a diagnostic of calibrating in
+    the domain of the out-of-domain evaluation text (which reads the prose's start)."""
     import torch
 
     def ids(text):
@@ -101,10 +103,14 @@ def calibration_windows(tokenizer, n: int, length: int, data: str = "mixed") -> 
                              f"tokens; lower calib_samples or calib_len")
         tail = toks[len(toks) - n * length:]
         return [tail[i * length:(i + 1) * length] for i in range(n)]
-    if data != "mixed":
-        raise ValueError(f"calib_data must be mixed or docstrings, got {data!r}")
-    doc = ids(offline_corpus())
-    sources = [doc[len(doc) // 2:], ids(reference_corpus())]
+    if data == "mixed":
+        doc = ids(offline_corpus())
+        sources = [doc[len(doc) // 2:], ids(reference_corpus())]
+    elif data == "prose":  # a diagnostic only: in the domain of the out-of-domain text (never its start)
+        prose = ids(prose_corpus())
+        sources = [prose[len(prose) // 2:]]
+    else:
+        raise ValueError(f"calib_data must be mixed, docstrings or prose, got {data!r}")
     short = [len(src) for src in sources if len(src) <= length]
     if short:
         raise ValueError(f"calib_len {length} is longer than a calibration source ({min(short)} tokens)")

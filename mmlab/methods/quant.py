@@ -28,7 +28,7 @@ import torch
 from mmlab.methods.base import Method, MethodError, register
 
 TARGETS = ("llm", "vision", "all")
-CALIBRATION_DATA = ("mixed", "docstrings")  # the text sets of mmlab.data.calibration_windows
+CALIBRATION_DATA = ("mixed", "docstrings", "prose")  # the text sets of mmlab.data.calibration_windows
 SCALE_BITS = 16  # one fp16 scale per group (and an fp16 value + 16-bit index per outlier)
 
 
