@@ -141,8 +141,8 @@ class WeightContext:
     # --- data ---------------------------------------------------------------------------
     def calibration(self, n: int, length: int, data: str = "mixed") -> Calibration:
         """``n`` calibration samples, the adapter's way: ``length``-token windows of the ``data`` text
-        set (``mixed`` / ``docstrings``, never the perplexity text) for text LMs; training-split
-        shapes questions for VLMs."""
+        set (``mixed`` / ``docstrings`` / the ``prose`` diagnostic; ``mmlab.data.calibration_windows``)
+        for text LMs; training-split shapes questions for VLMs."""
         if n < 1:
             raise MethodError(f"calibration needs at least one sample, got {n}")
         return Calibration(self.bundle.adapter.calibration(n, length, data), key=(n, length, data))
