@@ -41,8 +41,8 @@ def a8_share(bundle, spec: str) -> str:
     if not fm:
         return ""
     states = activation_states(bundle, fm[0])
-    high = sum(n for _, n in states.values())
-    total = sum(len(p) for p, _ in states.values())
+    high = sum(n for _, _, n in states.values())
+    total = sum(len(p) for p, _, _ in states.values())
     return f"{high / total:.1%}"
 
 

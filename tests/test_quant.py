@@ -362,7 +362,7 @@ def test_fmpq_permutes_outlier_channels_into_high_precision_blocks():
     assert fmpq_order(absmax, 2, 0.0)[1] == 0 and fmpq_order(absmax, 2, 1.0)[1] == 6
     assert fmpq_order(torch.arange(576.0), 128, 0.16)[1] == 128  # ceil(0.16 x 4.5 blocks) = 1 block
     x = torch.tensor([[0.9, -4.7, 1.3, 8.2, -2.9, 0.1]])
-    q = FMPQ(block_size=2, high_fraction=1 / 3).quantize_activation(x, (perm, n_high))
+    q = FMPQ(block_size=2, high_fraction=1 / 3).quantize_activation(x, (perm, torch.argsort(perm), n_high))
     want = torch.empty_like(x)
     want[:, [3, 1]] = per_token(x[:, [3, 1]], 8)
     want[:, [0, 2]] = per_token(x[:, [0, 2]], 4)

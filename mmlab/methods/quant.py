@@ -444,12 +444,13 @@ class SliM(GPTQ):
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).diagonal()
         order = slim_salience(w, u, g).argsort(descending=True)
         best, best_bits = float("inf"), None
+        out = x @ w.T if self.criterion == "kl" else None  # the layer's full-precision output, once
         for k in range(1, max(2, n_groups // 2)):
             b = torch.full((n_groups,), self.bits)
             b[order[:k]] = min(8, self.bits + 1)
             b[order[n_groups - k:]] = max(1, self.bits - 1)
             wq = rtn(w, b.expand(rows, -1), self.group_size, self.sym)
-            err = slim_kl(x @ wq.T, x @ w.T) if self.criterion == "kl" else float((((w - wq) @ h) * (w - wq)).sum())
+            err = slim_kl(x @ wq.T, out) if self.criterion == "kl" else float((((w - wq) @ h) * (w - wq)).sum())
             if err < best:
                 best, best_bits = err, b
         wctx.note(name, group_bits=best_bits.tolist())
@@ -631,14 +632,15 @@ class FMPQ(Calibrated, ActivationQuant):
 
     def calibrate_activations(self, wctx) -> dict[str, tuple[torch.Tensor, int]]:
         absmax = wctx.input_absmax(self.calibration(wctx))
-        return {n: fmpq_order(a, self.block_size, self.high_fraction) for n, a in absmax.items()}
+        orders = {n: fmpq_order(a, self.block_size, self.high_fraction) for n, a in absmax.items()}
+        return {n: (perm, torch.argsort(perm), n_high) for n, (perm, n_high) in orders.items()}
 
     def quantize_activation(self, x: torch.Tensor, state=None) -> torch.Tensor:
-        perm, n_high = state  # (in_features,) permutation, outlier channels first
+        perm, inverse, n_high = state  # (in_features,) permutation (outlier channels first), its inverse
         xp = x[..., perm]
         parts = [(xp[..., :n_high], self.high_bits), (xp[..., n_high:], self.act_bits)]
         q = torch.cat([per_token_blocks(p, self.block_size, b) for p, b in parts if p.shape[-1]], dim=-1)
-        return q[..., torch.argsort(perm)]
+        return q[..., inverse]
 
 
 # --- KV cache -----------------------------------------------------------------------------
