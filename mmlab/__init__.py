@@ -11,8 +11,8 @@ Module order (``MODULE_ORDER``): a module imports only modules of earlier layers
 own layer's package base); imports point one way and never in a circle
 (``tests/test_imports.py`` checks both, imports inside functions included)::
 
-    data, threads             shapes VQA, offline text (perplexity, calibration, out-of-domain prose);
-                              threads that follow the sweep runner (leaves)
+    data, threads, cluster    shapes VQA, offline text (perplexity, calibration, out-of-domain prose);
+                              threads that follow the sweep runner; sweep runs as Dask tasks (leaves)
     methods.base              the typed stage interface, registry (torch only)
     methods.*                 one file per family                 (methods.base + torch only)
     flops, trace              a run's FLOPs, and what it did
@@ -46,7 +46,7 @@ from mmlab.recording import record, record_rows  # noqa: E402
 from mmlab.trace import Trace  # noqa: E402
 
 MODULE_ORDER = [
-    ["data", "threads"],
+    ["data", "threads", "cluster"],
     ["methods.base"],
     ["methods"],
     ["flops"],

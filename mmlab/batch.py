@@ -8,27 +8,32 @@ A sweep YAML names a notebook and a grid::
     parameters: {n_samples: 100}        # fixed for every run
     timeout: 1800                       # optional, seconds per run
     estimate: 300                       # optional, expected seconds per run (longest runs start first)
+    resources: {GPU: 1}                 # optional, what each run needs from a cluster worker (--cluster)
 
 Every run executes the notebook with papermill into ``RUN_ID.ipynb`` and writes
 ``RUN_ID.json`` (parameters, metrics from ``mmlab.record``, git commit, timings, status).
 Files are written under a temporary name and renamed when complete, so a killed sweep
 leaves nothing that looks finished; a rerun skips runs whose JSON says ``ok`` and
-retries the rest. Each run is its own process with its own kernel.
+retries the rest. Each run is its own process with its own kernel, run from a local pool of
+threads (``-j N``) or as one task on a Dask cluster (``--cluster ADDRESS``, ``mmlab.cluster``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +61,7 @@ class Sweep:
     timeout: float = 1800.0
     estimate: float = 60.0  # expected seconds per run, for scheduling and the ETA
     paper: dict = field(default_factory=dict)  # a paper recipe's reference numbers (``check_paper``)
+    resources: dict = field(default_factory=dict)  # Dask worker resources per run, e.g. {"GPU": 1}
 
     def runs(self) -> list[tuple[str, dict]]:
         """(run id, full parameters) for every point of the grid, in grid order."""
@@ -96,10 +102,10 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     if not isinstance(spec, dict):
         raise SweepError(f"{path}: expected a mapping with keys notebook, grid, parameters, output, timeout, "
                          f"estimate")
-    unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout", "estimate", "paper"}
+    unknown = set(spec) - {"notebook", "grid", "parameters", "output", "timeout", "estimate", "paper", "resources"}
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; "
-                         f"valid: notebook, grid, parameters, output, timeout, estimate, paper")
+                         f"valid: notebook, grid, parameters, output, timeout, estimate, paper, resources")
     if "notebook" not in spec:
         raise SweepError(f"{path}: missing 'notebook:' (the .ipynb to run)")
     nb = root / str(spec["notebook"])
@@ -134,9 +140,16 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     for what, v in (("timeout", timeout), ("estimate", estimate)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
             raise SweepError(f"{path}: {what} must be a positive number of seconds, got {v!r}")
+    resources = spec.get("resources") or {}
+    if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for k, v in resources.items()):
+        raise SweepError(f"{path}: 'resources' must map Dask worker resource names to positive amounts "
+                         f"(e.g. {{GPU: 1}}), got {resources!r}")
     name = path.stem
     output = root / str(spec.get("output") or f"runs/{name}")
-    return Sweep(name, nb, output, grid, params, float(timeout), float(estimate), check_paper(path, spec.get("paper")))
+    return Sweep(name, nb, output, grid, params, float(timeout), float(estimate), check_paper(path, spec.get("paper")),
+                 resources)
 
 
 PAPER_ROW_KEYS = {"tasks", "methods", "metric", "value", "relative", "note"}
@@ -195,7 +208,7 @@ def kernel_dir() -> Path:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)  # atomic: the JSON either exists complete or not at all
 
@@ -207,13 +220,26 @@ def is_finished(json_path: Path) -> bool:
         return False
 
 
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None  # resolved here: nothing is imported after fork
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In a run's process before it starts papermill: die with the thread that started it (Linux's
+    PR_SET_PDEATHSIG), so a killed runner or cluster worker leaves no run behind that would finish
+    a second time beside its rescheduled copy (the kernel follows papermill: ipykernel's parent poller)."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: float, commit: str,
-                sweep: str, threads: int | None = None, threads_file: Path | None = None) -> dict:
-    """Run one grid point in its own process (and kernel); returns the JSON it wrote."""
+                sweep: str, threads: int | None = None, threads_file: Path | None = None,
+                cwd: Path | None = None, label: str | None = None) -> dict:
+    """Run one grid point in its own process (and kernel); returns the JSON it wrote. Each attempt
+    writes under its own temporary names: a rescheduled attempt never mixes with a dead one."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    nb_partial = out_dir / f"{rid}.ipynb.partial"
-    metrics_path = out_dir / f"{rid}.metrics.partial"
-    metrics_path.unlink(missing_ok=True)
+    attempt = uuid.uuid4().hex[:8]
+    nb_partial = out_dir / f"{rid}.{attempt}.ipynb.partial"
+    metrics_path = out_dir / f"{rid}.{attempt}.metrics.partial"
     env = {**os.environ, RECORD_ENV: str(metrics_path.resolve()), "MMLAB_RUN_ID": rid, "MMLAB_SWEEP": sweep,
            "JUPYTER_PATH": str(kernel_dir()) + os.pathsep + os.environ.get("JUPYTER_PATH", "")}
     if threads:  # parallel kernels share the cores: oversubscribed OpenMP pools spin against each other
@@ -221,11 +247,12 @@ def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: 
     if threads_file:  # ... and take over the cores of runs that end (mmlab.threads.follow)
         env[THREADS_ENV] = str(threads_file)
     cmd = [sys.executable, "-m", "papermill", str(notebook), str(nb_partial), "-y", json.dumps(params),
-           "--kernel", KERNEL, "--cwd", str(notebook.parent), "--no-progress-bar", "--log-level", "ERROR"]
+           "--kernel", KERNEL, "--cwd", str(cwd or notebook.parent), "--no-progress-bar", "--log-level", "ERROR"]
     t0 = time.time()
     status, error = "ok", None
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              preexec_fn=_die_with_parent if _PRCTL else None)
         if proc.returncode != 0:
             status = "failed"
             lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
@@ -241,7 +268,7 @@ def execute_run(notebook: Path, out_dir: Path, rid: str, params: dict, timeout: 
     if nb_partial.exists():
         nb_partial.replace(out_dir / f"{rid}.ipynb")
     result = {"run_id": rid, "sweep": sweep, "status": status, "error": error, "parameters": params,
-              "metrics": metrics, "git_commit": commit, "notebook": str(notebook),
+              "metrics": metrics, "git_commit": commit, "notebook": label or str(notebook),
               "seconds": round(time.time() - t0, 2),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_json(out_dir / f"{rid}.json", result)
@@ -298,25 +325,104 @@ def _tasks(sweep: Sweep) -> list[_Task]:
     return out
 
 
+def _failed(task: _Task, commit: str, error: str) -> dict:
+    """The runner itself failed for this run (not the notebook): record it, keep going."""
+    res = {"run_id": task.rid, "sweep": task.sweep.name, "status": "failed", "parameters": task.params,
+           "metrics": {}, "error": error, "git_commit": commit, "seconds": 0.0}
+    _write_json(task.sweep.output / f"{task.rid}.json", res)
+    return res
+
+
 def _run_task(task: _Task, commit: str, cores: _Cores) -> dict:
     threads = cores.start(task.rid)
     try:
         return execute_run(task.sweep.notebook, task.sweep.output, task.rid, task.params, task.sweep.timeout, commit,
                            task.sweep.name, threads, cores.path)
-    except Exception as e:  # the runner itself failed for this run: record it, keep going
-        res = {"run_id": task.rid, "sweep": task.sweep.name, "status": "failed", "parameters": task.params,
-               "metrics": {}, "error": f"runner: {type(e).__name__}: {e}", "git_commit": commit, "seconds": 0.0}
-        _write_json(task.sweep.output / f"{task.rid}.json", res)
-        return res
+    except Exception as e:
+        return _failed(task, commit, f"runner: {type(e).__name__}: {e}")
     finally:
         cores.end(task.rid)
 
 
-def run_sweeps(sweeps: list[Sweep], jobs: int = 1, progress: bool = True) -> dict[str, dict]:
-    """Every unfinished run of every sweep in one pool of ``jobs`` workers, the longest (estimated)
-    first; the cores are split among the runs in flight and follow them as runs end. One progress
-    display over the whole job (runs done / total, failures, ETA). Returns per sweep: counts, the
-    summed seconds of its runs and its wall-clock span. Failures are recorded, the rest continue."""
+class _LocalPool:
+    """The default: ``jobs`` threads, each waiting on one run's process; the machine's cores are
+    split among the runs in flight and follow them as runs end (``mmlab.threads``)."""
+
+    dashboard = None
+
+    def __init__(self, jobs: int):
+        self.slots = max(1, jobs)
+        self.pool = ThreadPoolExecutor(max_workers=self.slots)
+        self.cores = _Cores(Path(tempfile.mkdtemp(prefix="mmlab-threads-")) / "threads.json", os.cpu_count() or 1)
+
+    def submit(self, task: _Task, commit: str):
+        return self.pool.submit(_run_task, task, commit, self.cores)
+
+    def running(self, pending) -> int:
+        return len(self.cores.live)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.cores.path.unlink(missing_ok=True)
+
+
+def _remote_run(job: dict) -> dict:
+    """One grid point as a task on a Dask worker: the notebook's text, the resolved parameters and
+    the commit travelled with the job; the run writes to the sweep's (shared) output folder."""
+    from mmlab.cluster import announce
+
+    threads = announce(job)
+    notebook = Path(job["notebook"])
+    with tempfile.TemporaryDirectory(prefix="mmlab-run-") as tmp:
+        copy = Path(tmp) / notebook.name
+        copy.write_text(job["notebook_text"])
+        cwd = notebook.parent if notebook.parent.is_dir() else Path(tmp)  # the checkout's folder when shared
+        try:
+            return execute_run(copy, Path(job["output"]), job["rid"], job["params"], job["timeout"], job["commit"],
+                               job["sweep"], threads, cwd=cwd, label=job["notebook"])
+        except Exception as e:
+            res = {"run_id": job["rid"], "sweep": job["sweep"], "status": "failed", "parameters": job["params"],
+                   "metrics": {}, "error": f"worker: {type(e).__name__}: {e}", "git_commit": job["commit"],
+                   "seconds": 0.0}
+            _write_json(Path(job["output"]) / f"{job['rid']}.json", res)
+            return res
+
+
+class _ClusterPool:
+    """Each run is one task on a Dask cluster (``mmlab.cluster``); the job carries everything the
+    run needs but the project's environment, which the workers share."""
+
+    def __init__(self, spec: str, threads_per_run: int | None):
+        from mmlab.cluster import DaskPool
+
+        self.dask = DaskPool(spec, threads_per_run)
+        self.slots = max(1, sum(w["nthreads"] for w in self.dask.client.scheduler_info()["workers"].values()))
+        self.dashboard = self.dask.dashboard
+        self.keys = {}
+
+    def submit(self, task: _Task, commit: str):
+        job = {"sweep": task.sweep.name, "rid": task.rid, "params": task.params, "timeout": task.sweep.timeout,
+               "output": str(task.sweep.output.resolve()), "notebook": str(task.sweep.notebook.resolve()),
+               "notebook_text": task.sweep.notebook.read_text(), "commit": commit}
+        key = f"mmlab-{task.sweep.name}-{task.rid}-{uuid.uuid4().hex[:8]}"
+        fut = self.dask.submit(_remote_run, job, key, task.sweep.resources)
+        self.keys[fut] = key
+        return fut
+
+    def running(self, pending) -> int:
+        return self.dask.running({self.keys[f] for f in pending})
+
+    def close(self) -> None:
+        self.dask.close()
+
+
+def run_sweeps(sweeps: list[Sweep], jobs: int = 1, progress: bool = True, cluster: str | None = None,
+               threads_per_run: int | None = None) -> dict[str, dict]:
+    """Every unfinished run of every sweep, the longest (estimated) first: in a local pool of ``jobs``
+    workers (the cores split among the runs in flight, following them as runs end), or as tasks on
+    the Dask cluster ``cluster`` (``tcp://host:8786`` or ``local:N``; ``mmlab.cluster``). One progress
+    display over the whole job (runs done / running / failed / total, ETA). Returns per sweep: counts,
+    the summed seconds of its runs and its wall-clock span. Failures are recorded, the rest continue."""
     from tqdm.auto import tqdm
 
     tasks = sorted((t for sw in sweeps for t in _tasks(sw)), key=lambda t: -t.estimate)
@@ -325,24 +431,44 @@ def run_sweeps(sweeps: list[Sweep], jobs: int = 1, progress: bool = True) -> dic
     for t in tasks:
         counts[t.sweep.name]["skipped"] -= 1
     commit = git_commit()
-    cores_file = Path(tempfile.mkdtemp(prefix="mmlab-threads-")) / "threads.json"
-    cores = _Cores(cores_file, os.cpu_count() or 1)
+    pool = _ClusterPool(cluster, threads_per_run) if cluster else _LocalPool(jobs)
+    if cluster:
+        try:  # every sweep's worker resources are on offer before any run starts
+            for sw in sweeps:
+                pool.dask.check(sw.resources)
+        except ValueError:
+            pool.close()
+            raise
     bar = tqdm(total=len(tasks), desc="runs", unit="run", disable=not progress)
+    if pool.dashboard and progress:
+        bar.write(f"Dask dashboard: {pool.dashboard}")
     speed = [0.0, 0.0]  # (estimated, measured) seconds of the runs done: scales the ETA
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:  # threads only wait on run processes
-        futures = {pool.submit(_run_task, t, commit, cores): t for t in tasks}
-        for fut in as_completed(futures):
-            task, res = futures[fut], fut.result()
-            _tally(counts[task.sweep.name], res)
-            if res["status"] != "ok":
-                bar.write(f"FAILED {task.sweep.name}/{res['run_id']}: {res['error']}")
-            speed[0] += task.estimate
-            speed[1] += res.get("seconds") or 0.0
-            left = sum(t.estimate for f, t in futures.items() if not f.done()) * speed[1] / max(speed[0], 1e-9)
-            bar.update(1)
-            bar.set_postfix(failed=sum(v["failed"] for v in counts.values()), eta=f"{left / jobs / 60:.0f}min")
-    bar.close()
-    cores_file.unlink(missing_ok=True)
+    try:
+        futures = {pool.submit(t, commit): t for t in tasks}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = futures[fut]
+                try:
+                    res = fut.result()
+                except Exception as e:  # the cluster gave up on the task (e.g. its workers kept dying)
+                    res = _failed(task, commit, f"cluster: {type(e).__name__}: {e}")
+                _tally(counts[task.sweep.name], res)
+                if res["status"] != "ok":
+                    bar.write(f"FAILED {task.sweep.name}/{res['run_id']}: {res['error']}")
+                speed[0] += task.estimate
+                speed[1] += res.get("seconds") or 0.0
+                bar.update(1)
+            left = sum(futures[f].estimate for f in pending) * speed[1] / max(speed[0], 1e-9)
+            bar.set_postfix(running=pool.running(pending), failed=sum(v["failed"] for v in counts.values()),
+                            eta=f"{left / pool.slots / 60:.0f}min" if speed[0] else "?")
+    finally:
+        bar.close()
+        pool.close()
+    for sw in sweeps:  # attempts that died (a killed worker) leave their temporary files: never results
+        for stale in sw.output.glob("*.partial"):
+            stale.unlink(missing_ok=True)
     return {name: {**{k: v for k, v in c.items() if k not in ("first", "last")},
                    "wall_s": (c["last"] - c["first"]) if c["first"] else 0.0} for name, c in counts.items()}
 
@@ -355,9 +481,10 @@ def _tally(c: dict, res: dict) -> None:
     c["last"] = time.time()
 
 
-def run_sweep(sweep: Sweep, jobs: int = 1, progress: bool = True) -> dict:
+def run_sweep(sweep: Sweep, jobs: int = 1, progress: bool = True, cluster: str | None = None,
+              threads_per_run: int | None = None) -> dict:
     """Execute every unfinished run; returns counts. Failures are recorded, the grid continues."""
-    c = run_sweeps([sweep], jobs, progress)[sweep.name]
+    c = run_sweeps([sweep], jobs, progress, cluster, threads_per_run)[sweep.name]
     return {k: c[k] for k in ("total", "skipped", "ok", "failed")}
 
 

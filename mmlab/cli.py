@@ -79,7 +79,8 @@ def cmd_sweep(args) -> int:
     from mmlab.batch import collect, load_sweep, run_sweep
 
     sweep = load_sweep(args.yaml)  # every validation error surfaces here, before any run
-    counts = run_sweep(sweep, jobs=args.jobs, progress=not args.quiet)
+    counts = run_sweep(sweep, jobs=args.jobs, progress=not args.quiet, cluster=args.cluster,
+                       threads_per_run=args.threads_per_run)
     print(f"sweep {sweep.name}: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} already done "
           f"of {counts['total']} -> {sweep.output}")
     if not args.no_collect:
@@ -166,7 +167,7 @@ def cmd_reproduce(args) -> int:
     from mmlab.report import build_figures, write_tables
 
     sweeps = [load_sweep(p) for p in sorted(Path("sweeps").glob("*.yaml"))]  # all validated before any runs
-    done = run_sweeps(sweeps, jobs=args.jobs)
+    done = run_sweeps(sweeps, jobs=args.jobs, cluster=args.cluster, threads_per_run=args.threads_per_run)
     for sw in sweeps:
         collect(sw.output)
     for p in build_figures() + write_tables():
@@ -217,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-windows", type=int, default=16)
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("-j", "--jobs", type=int, default=2, help="parallel sweep runs")
+    _cluster_args(p)
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("sweep", help="run a notebook over a parameter grid with papermill (resumable)")
@@ -224,6 +226,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, default=1, help="parallel runs (each its own process and kernel)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--no-collect", action="store_true", help="do not write results.csv / .parquet at the end")
+    _cluster_args(p)
     p.set_defaults(fn=cmd_sweep)
 
     p = sub.add_parser("bench-tasks", help="write mmlab's lmms-eval tasks (mmlab_shapes, ...) and print their "
@@ -241,6 +244,16 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_figures)
 
     return ap
+
+
+def _cluster_args(p) -> None:
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run each grid point as a task on a Dask cluster: a scheduler address (tcp://host:8786; "
+                        "workers must share the output folder and the project's environment) or local:N "
+                        "(a LocalCluster of N worker processes here); without it, the local pool (-j)")
+    p.add_argument("--threads-per-run", type=int, default=None,
+                   help="with --cluster: intra-op threads per run (default: each host's cores over its worker "
+                        "threads)")
 
 
 def main(argv: list[str] | None = None) -> int:

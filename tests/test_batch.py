@@ -26,11 +26,13 @@ def write_sweep(tmp_path, **spec):
 
 @pytest.mark.parametrize("spec, message", [
     ({"notebook": "notebooks/missing.ipynb", "grid": {"x": [1]}}, "not found"),
-    ({"grid": {"nope": [1, 2]}}, r"parameter\(s\) \['nope'\] not in the parameters cell .* valid: fail_on, n_samples"),
+    ({"grid": {"nope": [1, 2]}},
+     r"parameter\(s\) \[.nope.\] not in the parameters cell .* valid: done_log, fail_on, n_samples"),
     ({"grid": {"x": 3}}, "must be a non-empty list"),
     ({"grid": [1, 2]}, "'grid' must map parameter names"),
     ({"grid": {"x": [1]}, "parameters": {"x": 2}}, "appear in both grid and parameters"),
     ({"grid": {"x": [1]}, "colour": 1}, "unknown key"),
+    ({"grid": {"x": [1]}, "resources": {"GPU": 0}}, "'resources' must map Dask worker resource names"),
 ])
 def test_invalid_sweeps_rejected_before_running(tmp_path, spec, message):
     p = write_sweep(tmp_path, **{k: v for k, v in spec.items()})
