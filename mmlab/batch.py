@@ -21,6 +21,7 @@ threads (``-j N``) or as one task on a Dask cluster (``--cluster ADDRESS``, ``mm
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -40,7 +41,8 @@ from pathlib import Path
 import yaml
 
 from mmlab.figures import git_commit
-from mmlab.methods.base import MethodError
+from mmlab.methods.base import MethodError, method_class
+from mmlab.methods.base import get as get_method
 from mmlab.methods.base import parse as parse_methods
 from mmlab.recording import ENV as RECORD_ENV
 from mmlab.recording import ROWS
@@ -131,9 +133,9 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     if bad:
         raise SweepError(f"{path}: parameter(s) {bad} not in the parameters cell of {spec['notebook']}; "
                          f"valid: {', '.join(sorted(known))}")
-    for spec_str in [v for v in grid.get("methods", []) + [params.get("methods")] if isinstance(v, str)]:
-        try:  # a method spec string ("divprune(keep_ratio=0.098)+snapkv(budget=0.5)") is checked before any run
-            parse_methods(spec_str)
+    for point in itertools.product(*grid.values()):  # every run's methods, built as its notebook will build them
+        try:
+            check_methods({**params, **dict(zip(grid, point))})
         except MethodError as e:
             raise SweepError(f"{path}: {e}") from None
     timeout, estimate = spec.get("timeout", 1800), spec.get("estimate", 60)
@@ -150,6 +152,31 @@ def load_sweep(path: str | Path, root: str | Path = ".") -> Sweep:
     output = root / str(spec.get("output") or f"runs/{name}")
     return Sweep(name, nb, output, grid, params, float(timeout), float(estimate), check_paper(path, spec.get("paper")),
                  resources)
+
+
+KNOB_VALUES = ("keep_ratios", "budgets", "keep_ratio", "budget")  # a notebook's value(s) for each method's knob
+
+
+def check_methods(params: dict) -> None:
+    """Build a run's methods from its parameters, as the notebooks do, so that an unknown name or a
+    value out of range fails before any run: ``method`` / ``methods`` hold names or spec strings
+    (``divprune(keep_ratio=0.098)+snapkv(budget=0.5)``); a bare name takes each value of
+    ``keep_ratios`` / ``budgets`` (or the one ``keep_ratio`` / ``budget``) as its knob, and the run's
+    other parameters that are its fields (``seed``). Raises MethodError."""
+    raw = params.get("methods", params.get("method"))
+    for entry in raw if isinstance(raw, list) else [raw]:
+        if not isinstance(entry, str) or entry.strip().lower() in ("", "none", "dense"):
+            continue
+        if not re.fullmatch(r"\w+", entry.strip()):
+            parse_methods(entry)
+            continue
+        cls = method_class(entry.strip())
+        fields = {f.name for f in dataclasses.fields(cls)} - set(KNOB_VALUES)
+        own = {k: v for k, v in params.items() if k in fields}
+        key = next((k for k in KNOB_VALUES if k in params), None)
+        values = params[key] if key and isinstance(params[key], list) else [params[key]] if key else [None]
+        for v in values:
+            get_method(cls.name, **own, **({} if v is None or not cls.knob else {cls.knob: v}))
 
 
 PAPER_ROW_KEYS = {"tasks", "methods", "metric", "value", "relative", "note"}

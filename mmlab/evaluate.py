@@ -382,7 +382,7 @@ def _weight_point(bundle, methods: list, samples, text, ppl_kw, others: dict) ->
         wq = [m for m in methods if m.quantizes_weights]
         qw = quantized_weights(bundle, wq[0]) if wq else None  # (activation quantizers alone: no weights)
         row = {} if qw is None else {"quantize_s": time.perf_counter() - t, "weight_bits": qw.weight_bits,
-                                     "packed_bytes": qw.packed_bytes, "outliers": qw.outliers}
+                                     "packed_bytes": qw.packed_bytes, "outliers": qw.outliers, **qw.notes.get("*", {})}
         res = _measure(bundle, [methods], samples, text, ppl_kw)[0]
         row["seconds"] = time.perf_counter() - t
         for name, other in others.items():

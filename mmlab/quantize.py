@@ -65,7 +65,8 @@ class QuantizedWeights:
 
     def summary(self) -> dict:
         return {"weight_bits": self.weight_bits, "packed_bytes": self.packed_bytes, "outliers": self.outliers,
-                "quantized_linears": len(self.weights), "quantize_seconds": self.seconds}
+                "quantized_linears": len(self.weights), "quantize_seconds": self.seconds,
+                **self.notes.get("*", {})}  # what the method adapted to this model (e.g. its group size)
 
 
 def target_linears(bundle, targets) -> dict[str, torch.nn.Linear]:
@@ -361,7 +362,7 @@ def quantized_weights(bundle, method) -> QuantizedWeights:
     try:
         if wctx.linears:  # no_grad: methods that need gradients (MixLLM) enable them in wctx.gradients
             with torch.no_grad(), pinned(CALIBRATION_THREADS):
-                method.quantize_weights(wctx)
+                method.for_model(wctx).quantize_weights(wctx)
     finally:
         weights = wctx.restore()
     # everything the model holds except the (restored, full-precision) weights that were quantized

@@ -41,6 +41,27 @@ def test_invalid_sweeps_rejected_before_running(tmp_path, spec, message):
     assert not (tmp_path / "runs").exists()  # nothing started
 
 
+@pytest.mark.parametrize("notebook, spec, message", [
+    ("notebooks/00_baseline.ipynb", {"grid": {"keep_ratio": [0.5, 1.5]}, "parameters": {"method": "fastv"}},
+     r"keep_ratio must be in \(0, 1\], got 1.5"),
+    ("notebooks/00_baseline.ipynb", {"grid": {"method": ["random", "fastvv"]}}, "unknown method 'fastvv'"),
+    ("notebooks/00_baseline.ipynb", {"grid": {"method": ["pdrop"]}, "parameters": {"keep_ratio": 0}},
+     r"ratio must be in \(0, 1\], got 0"),
+    ("notebooks/01_token_pruning.ipynb", {"grid": {"methods": [["random"], ["h2o"]]},
+                                          "parameters": {"keep_ratios": [0.5, 2.0]}}, "got 2.0"),
+    ("notebooks/02_kv_merging.ipynb", {"grid": {"methods": [["h2o"]]}, "parameters": {"budgets": [-1]}},
+     "budget must be"),
+    ("notebooks/06_benchmarks.ipynb", {"grid": {"methods": ["none", "divprune(keep_ratio=7)"]}}, "got 7"),
+])
+def test_method_values_rejected_before_running(tmp_path, notebook, spec, message):
+    """Each run's methods are built as its notebook builds them, at validation, not ~10 s later in a kernel."""
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump({"notebook": notebook, "output": str(tmp_path / "runs"), **spec}))
+    with pytest.raises(SweepError, match=message):
+        load_sweep(p, root=ROOT)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_malformed_yaml(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("notebook: [unclosed\n")

@@ -273,7 +273,7 @@ def test_methods_compose(tiny, test_samples):
     ("rtn", {"bits": 9}, "bits must be an integer in 1..8"),
     ("gptq", {"bits": 3.5}, "bits must be an integer in 1..8"),
     ("rtn", {"group_size": 0}, "group_size must be a positive integer"),
-    ("rtn", {"group_size": 128}, "group_size 128 does not divide in_features 576"),
+    ("rtn", {"group_size": 20}, "group_size 20 does not divide in_features 576"),
     ("gptq", {"calib_samples": 0}, "needs calibration data"),
     ("awq", {"calib_samples": 0}, "needs calibration data"),
     ("gptq", {"calib_data": "c4"}, "calib_data must be one of mixed, docstrings, prose"),
@@ -288,6 +288,16 @@ def test_methods_compose(tiny, test_samples):
 def test_invalid_configs_get_clear_errors(smol, name, params, match):
     with pytest.raises(MethodError, match=match):
         mmlab.run(smol, "Hi", [get(name, **params)], max_new_tokens=1)
+
+
+def test_default_group_falls_back_to_the_largest_power_of_two_that_divides(smol):
+    """The papers' group of 128 does not divide SmolLM2's 576: the run takes 64 and says so."""
+    tr = mmlab.run(smol, "Hi", [get("rtn")], max_new_tokens=1)
+    assert tr.extra["group_size"] == 64 and tr.extra["group_size_asked"] == 128
+    explicit = quantized_weights(smol, get("rtn", group_size=64))
+    default = quantized_weights(smol, get("rtn"))
+    assert all(torch.equal(default.weights[n], w) for n, w in explicit.weights.items())
+    assert "group_size" not in mmlab.run(smol, "Hi", [get("rtn", group_size=64)], max_new_tokens=1).extra
 
 
 def test_calibration_windows_never_read_the_perplexity_text(smol):

@@ -11,7 +11,7 @@ Stages, in the order they are called:
 ``quantize_weights(wctx: WeightContext)``  (class flag ``quantizes_weights``)
     Once per (model, method), before any prefill, by the weight swap (``mmlab/quantize.py``):
     write quantized weights with ``wctx.set``; they are cached and swapped in for every run
-    that lists the method.
+    that lists the method. ``for_model(wctx)`` runs first and may return an adapted copy.
 ``calibrate_activations(wctx) -> {linear: state}`` and ``quantize_activation(x, state)``
     An activation quantizer (its own method, or part of a weight method) is applied to the
     input of every target linear; ``state`` is what ``calibrate_activations`` returned for that
@@ -159,12 +159,26 @@ class Method:
     quantizes_weights: ClassVar[bool] = False  # True: has quantize_weights, run once by the weight swap
     quantizes_cache: ClassVar[bool] = False  # True: writes cache.quantized (must come last among KV methods)
 
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Check the parameters on their own (ranges, choices); called at construction, so a bad
+        value fails where it is written, before any model is loaded. Raise MethodError."""
+
     def validate(self, ctx: RunContext | None) -> None:
-        """Check the parameters against the model (depth, modality). Raise MethodError.
+        """Check the parameters against the model (depth, modality) before a run; raise MethodError.
         Weight methods are validated with ``ctx=None`` before calibration."""
+        self.check()  # a field may have been changed since construction
         if self.needs_image and not ctx.has_image:
             raise MethodError(f"{self.name} prunes visual tokens but this input has no image "
                               f"(model {ctx.model_name!r}); use it with a multimodal model and an image sample")
+
+    def for_model(self, wctx: WeightContext) -> "Method":
+        """The method as it runs on this model's linears (a weight quantizer may adapt a parameter
+        the model cannot take, noting it with ``wctx.note``); called by the swap before
+        ``quantize_weights``. Default: itself."""
+        return self
 
     def quantize_weights(self, wctx: WeightContext) -> None:
         return None
@@ -272,6 +286,12 @@ def _parse_term(node: ast.AST, spec: str) -> Method:
             raise MethodError(f"method spec {spec!r}: {node.func.id}'s {kw.arg}={ast.unparse(kw.value)} is "
                               f"not a literal (number, string, True/False, None, list)") from None
     return get(node.func.id, **params)
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """Method ``name``'s parameters and their (paper) defaults: what a notebook or the explorer offers."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(method_class(name))}
 
 
 def knob_hint(name: str) -> str:

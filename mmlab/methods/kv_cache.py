@@ -58,9 +58,9 @@ class KVMethod(Method):
     prefill_attention: ClassVar[bool] = True
     budget: float | int = 0.5
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         check_budget(self.name, self.budget)
-        super().validate(ctx)
+        super().check()
 
     def protected(self, n_keep: int) -> int:
         """Tokens the rule always keeps (sinks, observation window); must fit in the budget."""
@@ -93,12 +93,12 @@ class HeavyHitterKV(KVMethod):
 
     recent_ratio: float = 0.5
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         r = self.recent_ratio
         if not (isinstance(r, (int, float)) and 0 <= r < 1):
             raise MethodError(f"{self.name}: recent_ratio must be in [0, 1) (share of the budget for the most "
                               f"recent tokens), got {r!r}")
-        super().validate(ctx)
+        super().check()
 
     def scores(self, ctx, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """(kv heads, n): the attention each cached token received, summed over the prompt's queries."""
@@ -160,7 +160,7 @@ class SnapKV(KVMethod):
     window: int = 64
     kernel: int = 5
 
-    def validate(self, ctx):
+    def check(self) -> None:
         if not (isinstance(self.window, int) and self.window >= 1 and isinstance(self.kernel, int)
                 and self.kernel >= 1 and self.kernel % 2 == 1):
             raise MethodError(f"snapkv: window must be an int >= 1 and kernel an odd int >= 1, "
@@ -168,7 +168,7 @@ class SnapKV(KVMethod):
         if isinstance(self.budget, int) and self.budget < self.window:
             raise MethodError(f"snapkv: a budget of {self.budget} tokens is smaller than the observation window "
                               f"of {self.window} it always keeps")
-        super().validate(ctx)
+        super().check()
 
     def protected(self, n_keep):
         return self.window
@@ -246,12 +246,12 @@ class LookM(HeavyHitterKV):
     text_prior: bool = True
     keep_all_text: bool = False
 
-    def validate(self, ctx):
+    def check(self) -> None:
         if self.merge not in MERGES:
             raise MethodError(f"lookm: merge must be one of {', '.join(MERGES)}, got {self.merge!r}")
         if self.keep_all_text and not self.text_prior:
             raise MethodError("lookm: keep_all_text (the official text prior) needs text_prior=True")
-        super().validate(ctx)
+        super().check()
 
     def compress(self, ctx, layer, keys, values, n_keep):
         scores = self.scores(ctx, layer, keys)
@@ -322,10 +322,10 @@ class KVMerger(HeavyHitterKV):
     name = "kvmerger"
     threshold: float = 0.75
 
-    def validate(self, ctx):
+    def check(self) -> None:
         if not -1 <= self.threshold <= 1:
             raise MethodError(f"kvmerger: threshold is a cosine similarity in [-1, 1], got {self.threshold!r}")
-        super().validate(ctx)
+        super().check()
 
     def compress(self, ctx, layer, keys, values, n_keep):
         scores = self.scores(ctx, layer, keys)

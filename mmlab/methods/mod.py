@@ -83,7 +83,7 @@ class MoD(Method):
                 out.append(self.max_ratio + (self.min_ratio - self.max_ratio) * t)
         return out
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         for what, v in (("ratio", self.ratio), ("max_ratio", self.max_ratio), ("min_ratio", self.min_ratio)):
             if not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise MethodError(f"mod: {what} must be in [0, 1], got {v!r}")
@@ -93,12 +93,14 @@ class MoD(Method):
             raise MethodError(f"mod: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.score not in SCORES:
             raise MethodError(f"mod: score must be one of {', '.join(SCORES)}, got {self.score!r}")
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
         if self.layers is not None and any(not isinstance(i, int) or not 0 <= i < ctx.n_layers for i in self.layers):
             raise MethodError(f"mod: layers must be indices in 0..{ctx.n_layers - 1}, got {self.layers!r}")
         if self.score == "attention" and self.ratios(ctx.n_layers)[0] < 1:
             raise MethodError("mod: layer 0 has no previous layer's attention to route by; keep it dense "
                               "(start_layer >= 1) or use score='norm'")
-        super().validate(ctx)
 
     def before_layer(self, ctx, layer, tokens):
         ratios = self.ratios(ctx.n_layers)
@@ -175,9 +177,11 @@ class TrainedMoD(Method):
         if "mod" not in ctx.extras:
             raise MethodError(f"mod_trained routes with a model's trained routers and {ctx.model_name!r} has none; "
                               f"load tiny-llava-pmod or tiny-llava-gmod (mmlab train-tiny --mod pmod|gmod)")
-        if self.ratio is not None and not 0 <= self.ratio <= 1:
-            raise MethodError(f"mod_trained: ratio must be in [0, 1] or None, got {self.ratio!r}")
         super().validate(ctx)
+
+    def check(self) -> None:
+        if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio <= 1):
+            raise MethodError(f"mod_trained: ratio must be in [0, 1] or None, got {self.ratio!r}")
 
     def ratios(self, ctx) -> list[float]:
         trained = ctx.extras["mod"].ratios

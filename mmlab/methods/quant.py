@@ -20,7 +20,7 @@ group per output channel (per-channel). Scales are stored as fp16 and zeros at `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -211,12 +211,27 @@ class WeightQuant(Method):
     sym: bool = False
     targets: str = "llm"  # llm | vision | all, or () for none
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         if self.targets not in TARGETS and self.targets != ():
             raise MethodError(f"{self.name}: targets must be one of {', '.join(TARGETS)} (or () for none), "
                               f"got {self.targets!r}")
         check_bits(self.name, self.bits)
         check_group(self.name, self.group_size)
+
+    def for_model(self, wctx) -> "WeightQuant":
+        """The paper's group of 128 does not divide every model's widths (SmolLM2: 576): take the
+        largest power-of-two group <= ``group_size`` (>= 32) that divides every target linear's
+        in_features, noted as ``group_size`` in the result (``QuantizedWeights.summary``)."""
+        cols = {m.weight.shape[1] for m in wctx.linears.values()}
+        if self.group_size is None or all(c % self.group_size == 0 for c in cols):
+            return self
+        g = 1 << (self.group_size.bit_length() - 1)
+        while g >= 32 and any(c % g for c in cols):
+            g //= 2
+        if g < 32:
+            return self  # check_shapes says what is valid
+        wctx.note("*", group_size=g, group_size_asked=self.group_size)
+        return replace(self, group_size=g)
 
     def check_shapes(self, wctx) -> None:
         for name, mod in wctx.linears.items():
@@ -256,8 +271,8 @@ class Calibrated:
 class CalibratedQuant(Calibrated, WeightQuant):
     """A weight quantizer that reads calibration data (see ``Calibrated``)."""
 
-    def validate(self, ctx) -> None:
-        super().validate(ctx)
+    def check(self) -> None:
+        super().check()
         self.check_calibration()
 
 
@@ -418,8 +433,8 @@ class SliM(GPTQ):
     bits: int = 2
     criterion: str = "kl"
 
-    def validate(self, ctx) -> None:
-        super().validate(ctx)
+    def check(self) -> None:
+        super().check()
         if self.criterion not in ("kl", "hessian"):
             raise MethodError(f"slim: criterion must be kl (the official search) or hessian, got {self.criterion!r}")
 
@@ -486,8 +501,8 @@ class SpQR(GPTQ):
     stat_bits: int = 3
     outlier_threshold: float = 0.2
 
-    def validate(self, ctx) -> None:
-        super().validate(ctx)
+    def check(self) -> None:
+        super().check()
         check_bits(self.name, self.stat_bits, "stat_bits")
         if not self.outlier_threshold > 0:
             raise MethodError(f"{self.name}: outlier_threshold must be > 0 (inf keeps no outliers), "
@@ -510,8 +525,8 @@ class MixLLM(GPTQ):
     high_bits: int = 8
     high_fraction: float = 0.1
 
-    def validate(self, ctx) -> None:
-        super().validate(ctx)
+    def check(self) -> None:
+        super().check()
         check_bits(self.name, self.high_bits, "high_bits")
         if not 0 <= self.high_fraction <= 1:
             raise MethodError(f"{self.name}: high_fraction must be in [0, 1], got {self.high_fraction!r}")
@@ -546,8 +561,8 @@ class ActQuant(RTN):
     sym: bool = True
     act_bits: int = 8
 
-    def validate(self, ctx) -> None:
-        super().validate(ctx)
+    def check(self) -> None:
+        super().check()
         check_bits(self.name, self.act_bits, "act_bits")
 
     def quantize_activation(self, x: torch.Tensor, state=None) -> torch.Tensor:
@@ -575,7 +590,7 @@ class ActivationQuant(Method):
     act_bits: int = 8
     targets: str = "llm"
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         check_bits(self.name, self.act_bits, "act_bits")
 
     def quantize_activation(self, x: torch.Tensor, state=None) -> torch.Tensor:
@@ -619,7 +634,7 @@ class FMPQ(Calibrated, ActivationQuant):
     block_size: int = 128  # the paper's k: a multiple of the tensor cores' k granularity
     high_fraction: float = 0.16
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         check_bits(self.name, self.act_bits, "act_bits")
         check_bits(self.name, self.high_bits, "high_bits")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
@@ -736,7 +751,7 @@ class KIVI(Method):
     group_size: int = 32
     residual: int = 128
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         if self.bits not in (1, 2, 4, 8):
             raise MethodError(f"{self.name}: bits must be one of 1, 2, 4, 8 (codes are packed into bytes), "
                               f"got {self.bits!r}")

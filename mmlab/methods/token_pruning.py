@@ -32,10 +32,9 @@ class VisualTokenMethod(Method):
     knob: ClassVar[str] = "keep_ratio"
     needs_image: ClassVar[bool] = True
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         if hasattr(self, "keep_ratio"):
             check_ratio(self.name, self.keep_ratio)
-        super().validate(ctx)
 
 
 @register
@@ -203,6 +202,12 @@ class FastV(VisualTokenMethod):
     layer: int = 2
     keep_ratio: float = 0.5
 
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
+            raise MethodError(f"{self.name}: layer must be an integer >= 1 (scores come from the layer before it), "
+                              f"got {self.layer!r}")
+
     def validate(self, ctx) -> None:
         super().validate(ctx)
         _check_layer(self.name, self.layer, ctx.n_layers)
@@ -232,12 +237,11 @@ class PyramidDrop(VisualTokenMethod):
     def stage_layers(self, n_layers: int) -> list[int]:
         return sorted({max(1, min(n_layers - 1, round(f * n_layers))) for f in self.layers})
 
-    def validate(self, ctx) -> None:
+    def check(self) -> None:
         check_ratio(self.name, self.ratio, "ratio")
         if not self.layers or any(not isinstance(f, (int, float)) or not 0 < f < 1 for f in self.layers):
             raise MethodError(f"pdrop: layers must be stage boundaries as fractions of depth in (0, 1), "
                               f"got {self.layers!r}")
-        super().validate(ctx)
 
     def before_layer(self, ctx, layer, tokens):
         if layer in self.stage_layers(ctx.n_layers):
@@ -321,8 +325,8 @@ class AIM(VisualTokenMethod):
         depth = layer / n_layers
         return min(1.0, max(0.0, (self.prune_to - depth) / (self.prune_to - self.prune_from)))
 
-    def validate(self, ctx) -> None:
-        super().validate(ctx)
+    def check(self) -> None:
+        super().check()
         if not (0 <= self.prune_from <= 1 and self.prune_to > self.prune_from):
             raise MethodError(f"aim: need 0 <= prune_from <= 1 and prune_to > prune_from (relative depths), "
                               f"got prune_from={self.prune_from!r}, prune_to={self.prune_to!r}")
