@@ -31,19 +31,43 @@ own layer's package base); imports point one way and never in a circle
     cli                       the command line
 """
 
+import importlib
 import logging
+import sys
+import types
 
 # torchao (optional real kernels) logs every GPU-only extension it cannot load on a CPU machine
 logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
-from mmlab import data, figures, methods  # noqa: E402
-from mmlab.arch import Inputs  # noqa: E402
-from mmlab.evaluate import arank, evaluate, grid, knob_points, perplexity, prefill, run  # noqa: E402
-from mmlab.methods.base import MethodError  # noqa: E402
-from mmlab.models import Bundle, load  # noqa: E402
-from mmlab.recording import record, record_rows  # noqa: E402
-from mmlab.trace import Trace  # noqa: E402
+# The public surface, loaded on first use: ``import mmlab`` (and ``mmlab --help``) does not import torch.
+_PUBLIC = {"Inputs": "mmlab.arch", "MethodError": "mmlab.methods.base", "Bundle": "mmlab.models",
+           "load": "mmlab.models", "record": "mmlab.recording", "record_rows": "mmlab.recording",
+           "Trace": "mmlab.trace",
+           **{name: "mmlab.evaluate" for name in ("arank", "grid", "knob_points", "perplexity", "prefill", "run")}}
+_SUBPACKAGES = ("data", "figures", "methods")
+
+
+class _Package(types.ModuleType):
+    def __getattr__(self, name: str):
+        if name in _PUBLIC:
+            value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        elif name in _SUBPACKAGES:
+            value = importlib.import_module(f"mmlab.{name}")
+        else:
+            raise AttributeError(f"module 'mmlab' has no attribute {name!r}")
+        self.__dict__[name] = value
+        return value
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(__all__))
+
+    # ``mmlab.evaluate`` is the function, although a submodule has that name: importing the submodule
+    # sets this attribute, which the setter ignores
+    evaluate = property(lambda self: importlib.import_module("mmlab.evaluate").evaluate, lambda self, value: None)
+
+
+sys.modules[__name__].__class__ = _Package
 
 MODULE_ORDER = [
     ["data", "threads", "cluster"],

@@ -41,9 +41,9 @@ from pathlib import Path
 import yaml
 
 from mmlab.figures import git_commit
-from mmlab.methods.base import MethodError, method_class
-from mmlab.methods.base import get as get_method
-from mmlab.methods.base import parse as parse_methods
+from mmlab.methods import MethodError, method_class
+from mmlab.methods import get as get_method
+from mmlab.methods import parse as parse_methods
 from mmlab.recording import ENV as RECORD_ENV
 from mmlab.recording import ROWS
 from mmlab.threads import ENV as THREADS_ENV

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -12,7 +13,7 @@ def _parse_params(items: list[str]) -> dict:
     out = {}
     for it in items:
         if "=" not in it:
-            raise SystemExit(f"error: method parameter {it!r} must look like name=value (e.g. keep_ratio=0.25)")
+            raise ValueError(f"method parameter {it!r} must look like name=value (e.g. keep_ratio=0.25)")
         k, v = it.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -27,11 +28,14 @@ def cmd_info(args) -> int:
 
     import mmlab
     from mmlab.arch.tiny_llava import CHECKPOINT_DIR
-    from mmlab.models import EMBEDDED
+    from mmlab.models import EMBEDDED, TINY_VARIANTS
 
     print(f"mmlab {mmlab.__version__}  torch {torch.__version__}  transformers {transformers.__version__}")
     print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
     print(f"embedded models: {', '.join(EMBEDDED)}  (tiny checkpoints in {CHECKPOINT_DIR})")
+    mod = [f"{n} (" + ("trained" if (CHECKPOINT_DIR / n / "routers.pt").exists()
+                       else f"not trained: mmlab train-tiny --mod {n.rsplit('-', 1)[1]}") + ")" for n in TINY_VARIANTS]
+    print(f"tiny-llava with trained MoD routers (method mod_trained): {', '.join(mod)}")
     print(f"methods: {', '.join(mmlab.methods.available())}")
     if args.model:
         b = mmlab.load(args.model)
@@ -59,8 +63,11 @@ def cmd_eval(args) -> int:
     import mmlab
 
     methods = mmlab.methods.parse(args.methods)  # fail fast, before loading
-    if args.method:
-        methods.append(mmlab.methods.get(args.method, **_parse_params(args.param)))
+    if args.param and sum(m.isidentifier() for m in args.method) != 1:
+        raise ValueError("--param sets the parameters of the one --method given by bare name; write the others' "
+                         "in their spec: --method fastv --param keep_ratio=0.25 --method 'h2o(budget=0.5)'")
+    for m in args.method:  # composed in the order given, after --methods
+        methods += [mmlab.methods.get(m, **_parse_params(args.param))] if m.isidentifier() else mmlab.methods.parse(m)
     b = mmlab.load(args.model)
     if not b.multimodal:
         from mmlab.data.text import offline_corpus
@@ -183,6 +190,7 @@ def cmd_reproduce(args) -> int:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mmlab", description="mmlab: efficient multimodal LLM inference workbench")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     p = sub.add_parser("info", help="versions, embedded models, registered methods")
     p.add_argument("--model", help="also load this model and print its dimensions")
@@ -193,8 +201,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-steps", type=int, default=1500, help="stage-1 (vision tower + patch probe) steps")
     p.add_argument("--batch-size", type=int, default=32,
                    help="about this many sequences per stage-2 step (up to 4 questions per image)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training data and initialisation")
     p.add_argument("--out", help="output folder (default: the shipped checkpoint inside the package)")
     p.add_argument("--mod", choices=["pmod", "gmod"],
                    help="instead: fine-tune tiny-llava with Mixture-of-Depths routing -> tiny-llava-pmod / -gmod "
@@ -203,20 +211,24 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train_tiny)
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")
-    p.add_argument("--model", default="tiny-llava")
+    p.add_argument("--model", default="tiny-llava", help="an embedded name (tiny-llava, smollm2-135m), a Hugging Face "
+                                                         "id or a local folder")
     p.add_argument("--methods", default="", help='method spec, e.g. "divprune(keep_ratio=0.098)+snapkv(budget=0.5)"')
-    p.add_argument("--method", help="a registered method name (appended to --methods)")
-    p.add_argument("--param", action="append", default=[], help="method parameter name=value (repeatable)")
-    p.add_argument("--n-samples", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--window", type=int, default=512, help="perplexity window (text LMs)")
+    p.add_argument("--method", action="append", default=[],
+                   help="a method name or spec, repeatable: composed in order after --methods")
+    p.add_argument("--param", action="append", default=[],
+                   help="parameter name=value of the one --method NAME (repeatable)")
+    p.add_argument("--n-samples", type=int, default=200,
+                   help="test questions (multimodal models) or perplexity windows of --window tokens (text LMs)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test questions drawn")
+    p.add_argument("--window", type=int, default=512, help="perplexity window in tokens (text LMs)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("reproduce", help="the main job on the embedded defaults")
-    p.add_argument("--n-samples", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ppl-windows", type=int, default=16)
-    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--n-samples", type=int, default=400, help="tiny-llava test questions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test questions drawn")
+    p.add_argument("--ppl-windows", type=int, default=16, help="SmolLM2 perplexity windows of 512 tokens")
+    p.add_argument("--out", default="runs/reproduce", help="folder of the foundation numbers (foundation.json)")
     p.add_argument("-j", "--jobs", type=int, default=2, help="parallel sweep runs")
     _cluster_args(p)
     p.set_defaults(fn=cmd_reproduce)
@@ -239,7 +251,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_collect)
 
     p = sub.add_parser("figures", help="rebuild every report figure and result table from collected sweeps")
-    p.add_argument("--runs", default="runs")
+    p.add_argument("--runs", default="runs", help="folder of collected sweeps (runs/NAME/results.csv)")
     p.add_argument("--out", default=None, help="figure folder (default figures/)")
     p.set_defaults(fn=cmd_figures)
 

@@ -19,16 +19,16 @@ from tqdm.auto import tqdm
 
 from mmlab import engine
 from mmlab.arch import Inputs
-from mmlab.methods.base import Method, MethodError, get, knob, method_class, needs_swap
+from mmlab.methods import Method, MethodError, as_methods, get, knob, method_class, needs_swap
 from mmlab.quantize import applied, quantized_weights
 from mmlab.trace import Trace
 
 
 # --- one sample ----------------------------------------------------------------------------------
 def run(bundle, sample, methods=(), **kw) -> Trace:
-    """Prefill + greedy decode of one sample under ``methods`` (see ``mmlab.engine.run`` for the
-    keyword arguments), weight quantization included; returns the Trace."""
-    methods = list(methods)
+    """Prefill + greedy decode of one sample under ``methods`` (methods, names or spec strings; see
+    ``mmlab.engine.run`` for the keyword arguments), weight quantization included; returns the Trace."""
+    methods = as_methods(methods)
     with applied(bundle, methods) as quantized:  # weights stay quantized through decoding
         trace = engine.run(bundle, sample, methods, **kw)
     if quantized is not None:
@@ -38,7 +38,7 @@ def run(bundle, sample, methods=(), **kw) -> Trace:
 
 def prefill(bundle, sample, methods=(), **kw) -> engine.Prefill:
     """The prefill alone (and its after_prefill methods), weight quantization included."""
-    methods = list(methods)
+    methods = as_methods(methods)
     with applied(bundle, methods) as quantized:
         p = engine.prefill(bundle, sample, methods, **kw)
     if quantized is not None:
@@ -106,7 +106,7 @@ def _sample_row(i: int, s, tr: Trace) -> dict:
 
 def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_tokens: int | None = None) -> EvalResult:
     """Greedy-answer accuracy (first word, case-insensitive) per question type."""
-    res = evaluate_many(bundle, samples, [methods], progress=progress, max_new_tokens=max_new_tokens)[0]
+    res = evaluate_many(bundle, samples, [as_methods(methods)], progress=progress, max_new_tokens=max_new_tokens)[0]
     if isinstance(res, MethodError):
         raise res
     return res
@@ -202,7 +202,7 @@ def perplexity(bundle, text: str, methods=(), *, window: int = 512, context: int
     compression at ``after_prefill``), and the remaining ``window - c`` tokens are scored
     teacher-forced against that cache: the perplexity of the continuation.
     """
-    res = perplexity_many(bundle, text, [methods], window=window, context=context, max_windows=max_windows,
+    res = perplexity_many(bundle, text, [as_methods(methods)], window=window, context=context, max_windows=max_windows,
                           progress=progress)[0]
     if isinstance(res, MethodError):
         raise res

@@ -28,6 +28,7 @@ from mmlab.methods.base import MethodError
 __all__ = ["Bundle", "EMBEDDED", "Inputs", "active_activations", "active_weights", "cache_dir", "load"]
 
 EMBEDDED = ("tiny-llava", "smollm2-135m")
+TINY_VARIANTS = ("tiny-llava-pmod", "tiny-llava-gmod")  # tiny-llava fine-tuned with trained MoD routers
 
 
 def cache_dir() -> Path:
@@ -74,6 +75,11 @@ class Bundle:
     max_new_tokens: int = 32
     load_seconds: float = 0.0
     extras: dict = field(default_factory=dict)  # what the checkpoint carries besides weights (MoD routers)
+
+    def __repr__(self) -> str:  # one line, not the whole module tree
+        return (f"Bundle({self.name!r}, adapter={self.adapter.name}, layers={self.n_layers}, "
+                f"params={sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M, "
+                f"dtype={str(self.model.dtype).removeprefix('torch.')}, device={self.model.device})")
 
     @property
     def decoder(self):
@@ -239,6 +245,19 @@ def _load_hf(name: str, dtype, device, attn: str | None) -> Bundle:
     return Bundle.from_model(model, AutoTokenizer.from_pretrained(name), name=name)
 
 
+def _check_name(name: str) -> None:
+    """A bare name that is no local folder and close to an embedded one is a typo: say so at once,
+    before a network lookup (which would wait for the hub)."""
+    import difflib
+
+    if "/" in name or Path(name).exists():
+        return
+    close = difflib.get_close_matches(name, [*EMBEDDED, *TINY_VARIANTS], n=1, cutoff=0.6)
+    if close:
+        raise FileNotFoundError(f"unknown model {name!r} (did you mean {close[0]!r}?); embedded: "
+                                f"{', '.join(EMBEDDED)}; or a Hugging Face id (org/name) or a local folder")
+
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -271,7 +290,13 @@ def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | Non
         elif name == "smollm2-135m":
             b = _load_smollm2()
         else:
-            b = _load_hf(name, dt, device, attn_implementation)
+            _check_name(name)
+            try:
+                b = _load_hf(name, dt, device, attn_implementation)
+            except OSError as e:  # not local, not cached, and the hub unreachable or without it
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                raise FileNotFoundError(f"model {name!r} not found: not a local folder or cached Hugging Face id "
+                                        f"and not fetched ({first}); embedded: {', '.join(EMBEDDED)}") from None
     finally:
         if bar:
             hf_logging.enable_progress_bar()

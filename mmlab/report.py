@@ -442,7 +442,7 @@ def _ours(df: pd.DataFrame, tasks: list[str], methods: str, metric: str) -> dict
 def paper_table(paper: dict, df: pd.DataFrame | None) -> pd.DataFrame:
     """A recipe's reference rows beside ours (empty cells until its runs exist): absolute values as
     they are, ``relative`` rows as % of the unmodified model's score averaged over the tasks."""
-    from mmlab.methods.base import parse, spec
+    from mmlab.methods import parse, spec
 
     if df is not None and "status" in df:
         df = df[df.status == "ok"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mmlab.evaluate import run
-from mmlab.methods.base import available, get, knob
+from mmlab.methods import available, get, knob
 from mmlab.trace import Trace
 
 

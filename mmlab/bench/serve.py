@@ -18,7 +18,7 @@ import torch
 from mmlab import engine
 from mmlab.arch import Inputs
 from mmlab.bench.costs import CostLog
-from mmlab.methods.base import Method, MethodError, parse, spec
+from mmlab.methods import Method, MethodError, parse, spec
 from mmlab.models import Bundle, load
 from mmlab.quantize import applied
 

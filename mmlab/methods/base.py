@@ -270,6 +270,28 @@ def parse(spec: str | None) -> list[Method]:
     return [_parse_term(t, spec) for t in [tree, *terms]]
 
 
+def as_methods(methods) -> list[Method]:
+    """What the public calls accept as ``methods``: a Method, a name or spec string
+    (``"divprune(keep_ratio=0.1)+h2o(budget=0.5)"``), ``None``, or a list / tuple of those."""
+    if methods is None:
+        return []
+    if isinstance(methods, (Method, str)):
+        methods = [methods]
+    if not isinstance(methods, (list, tuple)):
+        raise MethodError(f"methods must be a method, a name or spec string (e.g. 'divprune(keep_ratio=0.1)"
+                          f"+h2o(budget=0.5)') or a list of them, got {type(methods).__name__}")
+    out = []
+    for m in methods:
+        if isinstance(m, str):
+            out += parse(m)
+        elif isinstance(m, Method):
+            out.append(m)
+        else:
+            raise MethodError(f"methods must be methods (mmlab.methods.get(...)) or names / spec strings, "
+                              f"got {m!r} ({type(m).__name__})")
+    return out
+
+
 def _parse_term(node: ast.AST, spec: str) -> Method:
     if isinstance(node, ast.Name):
         return get(node.id)
