@@ -116,7 +116,9 @@ def cmd_collect(args) -> int:
 def cmd_figures(args) -> int:
     from mmlab.report import build_figures, write_tables
 
-    for p in build_figures(args.runs, args.out) + write_tables(args.runs) + write_paper_tables(args.runs):
+    tables = args.out or "papers/results"  # --out moves the figures and every table
+    for p in (build_figures(args.runs, args.out, force=args.force) + write_tables(args.runs, tables, force=args.force)
+              + write_paper_tables(args.runs, out=tables)):
         print(p)
     return 0
 
@@ -252,7 +254,10 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("figures", help="rebuild every report figure and result table from collected sweeps")
     p.add_argument("--runs", default="runs", help="folder of collected sweeps (runs/NAME/results.csv)")
-    p.add_argument("--out", default=None, help="figure folder (default figures/)")
+    p.add_argument("--out", default=None, help="folder for the figures and tables (default: figures/ and "
+                                               "papers/results/, the committed results)")
+    p.add_argument("--force", action="store_true", help="overwrite figures / tables made from more samples than "
+                                                        "the runs found now")
     p.set_defaults(fn=cmd_figures)
 
     return ap

@@ -52,14 +52,17 @@ def save(fig, name: str, *, params: dict | None = None, runs: list[str] | None =
 
 
 def provenance(path: str | Path) -> dict:
-    """The metadata ``save`` embedded in a PNG or PDF."""
+    """The metadata ``save`` embedded in a PNG or PDF (``params`` holds ``n_samples`` for report figures)."""
     path = Path(path)
-    if path.suffix == ".png":
-        from PIL import Image
+    try:
+        if path.suffix == ".png":
+            from PIL import Image
 
-        return json.loads(Image.open(path).text["mmlab"])
-    raw = path.read_bytes()
-    start = raw.index(b"/Subject (") + len(b"/Subject (")
-    end = raw.index(b")\n", start) if b")\n" in raw[start:] else raw.index(b")", start)
-    text = raw[start:end].decode("latin-1").replace("\\(", "(").replace("\\)", ")").replace("\\\\", "\\")
-    return json.loads(text)
+            return json.loads(Image.open(path).text["mmlab"])
+        raw = path.read_bytes()
+        start = raw.index(b"/Subject (") + len(b"/Subject (")
+        end = raw.index(b")\n", start) if b")\n" in raw[start:] else raw.index(b")", start)
+        text = raw[start:end].decode("latin-1").replace("\\(", "(").replace("\\)", ")").replace("\\\\", "\\")
+        return json.loads(text)
+    except (KeyError, ValueError, AttributeError):
+        raise ValueError(f"{path} has no mmlab provenance (it was not written by mmlab.figures.save)") from None

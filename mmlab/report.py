@@ -486,8 +486,50 @@ FIGURES = {
 }
 
 
-def build_figures(runs_root: str | Path = "runs", out: str | Path | None = None) -> list[Path]:
-    """Every report figure whose sweep has a collected table; returns the files written."""
+def sample_count(df: pd.DataFrame) -> int | None:
+    """The samples behind a sweep table: its largest ``n_samples`` (None when it records none)."""
+    col = pd.to_numeric(df["n_samples"], errors="coerce") if "n_samples" in df else pd.Series(dtype=float)
+    return int(col.max()) if col.notna().any() else None
+
+
+def _figure_samples(path: Path) -> int | None:
+    try:
+        return figures.provenance(path)["params"].get("n_samples")
+    except (OSError, ValueError):
+        return None
+
+
+def _table_samples(path: Path) -> int | None:
+    """``n_samples`` of a table this module wrote: its header line, else the largest in its column."""
+    if not path.exists():
+        return None
+    lines = path.read_text().splitlines()
+    for ln in lines[:4]:
+        if ln.startswith("<!-- n_samples:"):
+            v = ln.split(":", 1)[1].strip(" ->")
+            return int(v) if v.isdigit() else None
+    header = next((ln for ln in lines if ln.startswith("|")), "")
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    if "n_samples" not in cols:
+        return None
+    i = cols.index("n_samples")
+    vals = [ln.strip("|").split("|")[i].strip() for ln in lines if ln.startswith("|")][2:]
+    nums = [int(float(v)) for v in vals if v.replace(".", "", 1).isdigit()]
+    return max(nums) if nums else None
+
+
+def _keeps(existing: int | None, new: int | None, path: Path, table: Path, force: bool) -> bool:
+    """True (and says why) when ``path`` holds results from more samples than ``table`` has."""
+    if force or existing is None or (new is not None and new >= existing):
+        return False
+    print(f"keep {path} (n_samples={existing}): {table} has n_samples={new}; pass --force to overwrite, "
+          f"or --out DIR to write elsewhere")
+    return True
+
+
+def build_figures(runs_root: str | Path = "runs", out: str | Path | None = None, force: bool = False) -> list[Path]:
+    """Every report figure whose sweep has a collected table; returns the files written. A figure
+    made from fewer samples than the one already at its place is not written without ``force``."""
     import matplotlib.pyplot as plt
 
     figures.use_style()
@@ -498,32 +540,55 @@ def build_figures(runs_root: str | Path = "runs", out: str | Path | None = None)
             print(f"skip {name}: no {table} (run `mmlab sweep sweeps/{sweep}.yaml` and `mmlab collect`)")
             continue
         df = pd.read_csv(table)
+        n = sample_count(df)
+        target = Path(out) if out else figures.FIGURES_DIR
+        committed = _figure_samples(target / f"{name}.png")
+        if committed is None and out is None:  # older figures carry no count: their sweep's committed table does
+            committed = _table_samples(RESULTS / f"{sweep}.md")
+        if _keeps(committed, n, target / f"{name}.png", table, force):
+            continue
         try:
             fig = draw(df)
         except NoRows as e:
             print(f"skip {name}: {table} has {e} (re-run `mmlab sweep sweeps/{sweep}.yaml`)")
             continue
-        params = {"table": str(table), "rows": len(df)}
-        written += figures.save(fig, name, params=params, sweep=sweep, runs=df.run_id.tolist(), directory=out)
+        failed = int((df.drop_duplicates("run_id").status != "ok").sum()) if "status" in df else 0
+        fig.text(0.995, 0.005, f"n = {n if n is not None else '?'} samples" + (f", {failed} failed runs" if failed
+                 else ""), ha="right", va="bottom", fontsize=7, color="0.4")
+        params = {"table": str(table), "rows": len(df), "n_samples": n, "failed_runs": failed}
+        written += figures.save(fig, name, params=params, sweep=sweep, runs=df.run_id.tolist(), directory=target)
         plt.close(fig)
     return written
 
 
+RESULTS = Path("papers/results")  # the committed tables (a figure's sweep table tells its samples, too)
 DRAWING_TASKS = ("kept_tokens", "key_similarity", "routed")  # rows that hold maps for figures, not results
 
 
-def write_tables(runs_root: str | Path = "runs", out: str | Path = "papers/results") -> list[Path]:
+def write_tables(runs_root: str | Path = "runs", out: str | Path = RESULTS, force: bool = False) -> list[Path]:
     """Each collected sweep table as Markdown under ``papers/results/`` (metrics rounded; the rows
-    that only hold token maps for figures left out)."""
+    that only hold token maps for figures left out; a failed run is a row with its error). The
+    header states the runs and samples; a table from fewer samples than the one in place is not
+    written without ``force``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for table in sorted(Path(runs_root).glob("*/results.csv")):
-        df = pd.read_csv(table).drop(columns=["git_commit", "error"], errors="ignore")
+        df = pd.read_csv(table).drop(columns=["git_commit"], errors="ignore")
+        p = out / f"{table.parent.name}.md"
+        n = sample_count(df)
+        if _keeps(_table_samples(p), n, p, table, force):
+            continue
+        runs = df.drop_duplicates("run_id")
+        failed = int((runs.status != "ok").sum()) if "status" in runs else 0
+        if not failed:
+            df = df.drop(columns=["error"], errors="ignore")
         if "task" in df:
             df = df[~df.task.isin(DRAWING_TASKS)].dropna(axis=1, how="all")
-        p = out / f"{table.parent.name}.md"
-        p.write_text(f"# {table.parent.name}\n\nFrom `{table}` ({len(df)} runs).\n\n"
-                     + df.to_markdown(index=False, floatfmt=".4g") + "\n")
+        cells = df.astype(object).where(df.notna(), None)  # a missing value is a blank cell, not "nan"
+        p.write_text(f"# {table.parent.name}\n\n<!-- n_samples: {n} -->\nFrom `{table}`: {len(runs)} runs "
+                     f"({len(runs) - failed} ok, {failed} failed; {len(df)} rows), "
+                     f"n_samples = {n if n is not None else 'not recorded'}.\n\n"
+                     + cells.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n")
         written.append(p)
     return written

@@ -54,7 +54,8 @@ def test_eval_composes_repeated_methods(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "tiny-lava"], "unknown model 'tiny-lava' (did you mean 'tiny-llava'?)"),
     (["eval", "--method", "random", "--param", "keep_ratio"], "must look like name=value"),
-    (["eval", "--method", "random", "--method", "h2o", "--param", "budget=0.5"], "--param sets the parameters of the one"),
+    (["eval", "--method", "random", "--method", "h2o", "--param", "budget=0.5"],
+     "--param sets the parameters of the one"),
     (["eval", "--method", "random(keep_ratio=1.5)"], "keep_ratio must be in (0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
