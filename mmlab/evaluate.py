@@ -72,6 +72,7 @@ class EvalResult:
     n: int
     rows: list[dict] = field(default_factory=list, repr=False)  # one per sample
     weight_bits: float = float("nan")  # effective bits per quantized weight (weight quantization methods)
+    prefill_ms_spread: float = float("nan")  # interquartile range / median of the prefill times (``spread``)
 
     @property
     def tflops(self) -> float:
@@ -86,7 +87,8 @@ class EvalResult:
         """Flat metrics for ``mmlab.record`` / tables."""
         out = {"accuracy": self.accuracy, "tflops": self.tflops, "kv_bytes": self.kv_bytes,
                "vision_retention": self.vision_retention,
-               "prefill_ms": self.prefill_ms, "method_ms": self.method_ms, "decode_ms": self.decode_ms, "n": self.n}
+               "prefill_ms": self.prefill_ms, "prefill_ms_spread": self.prefill_ms_spread, "method_ms": self.method_ms,
+               "decode_ms": self.decode_ms, "n": self.n}
         if not math.isnan(self.weight_bits):
             out["weight_bits"] = self.weight_bits
         out.update({f"acc_{k}": v for k, v in self.by_type.items()})
@@ -159,7 +161,17 @@ def _result(rows: list[dict], weight_bits: float = float("nan")) -> EvalResult:
         prefill_ms=statistics.median(r["prefill_ms"] for r in rows),
         method_ms=statistics.median(r["method_ms"] for r in rows),
         decode_ms=_median_finite(r["decode_ms"] for r in rows),
-        n=len(rows), rows=rows, weight_bits=weight_bits)
+        n=len(rows), rows=rows, weight_bits=weight_bits, prefill_ms_spread=spread([r["prefill_ms"] for r in rows]))
+
+
+def spread(values: list[float]) -> float:
+    """Interquartile range over median of repeated timings: ~0.1 on a quiet machine; a large value says
+    the machine was busy and the median is not to be read as a result (NaN below 4 values)."""
+    vals = [v for v in values if math.isfinite(v)]
+    if len(vals) < 4:
+        return float("nan")
+    q1, _, q3 = statistics.quantiles(vals, n=4)
+    return (q3 - q1) / statistics.median(vals)
 
 
 def _median_finite(values) -> float:
@@ -177,6 +189,7 @@ class PerplexityResult:
     kv_bytes: float  # mean KV bytes held when the scored tokens were read
     prefill_ms: float = float("nan")  # median prefill (+ the methods' compression) per window
     weight_bits: float = float("nan")  # effective bits per quantized weight (weight quantization methods)
+    prefill_ms_spread: float = float("nan")  # interquartile range / median of the windows' prefill times
 
 
 def _windows(bundle, text: str, window: int, context: int | None, max_windows: int | None) -> torch.Tensor:
@@ -261,7 +274,7 @@ def _ppl_result(windows: list[tuple], weight_bits: float = float("nan")) -> Perp
     nll = sum(w[0] for w in windows) / sum(w[1] for w in windows)
     return PerplexityResult(math.exp(nll), nll, sum(w[1] for w in windows), len(windows),
                             statistics.fmean(w[2] for w in windows), statistics.median(w[3] for w in windows),
-                            weight_bits)
+                            weight_bits, spread([w[3] for w in windows]))
 
 
 # --- grids -----------------------------------------------------------------------------------------
@@ -314,7 +327,7 @@ def _metrics(res) -> dict:
     if isinstance(res, EvalResult):
         return {**res.metrics(), "image_tokens_layer0": statistics.fmean(r["image_tokens"] for r in res.rows)}
     return {"perplexity": res.perplexity, "nll": res.nll, "kv_bytes": res.kv_bytes, "tokens": res.n_tokens,
-            "prefill_ms": res.prefill_ms}
+            "prefill_ms": res.prefill_ms, "prefill_ms_spread": res.prefill_ms_spread}
 
 
 def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseline: bool = True, window: int = 512,

@@ -46,8 +46,9 @@ def save(fig, name: str, *, params: dict | None = None, runs: list[str] | None =
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     blob = json.dumps(meta, default=str)
     png, pdf = out / f"{name}.png", out / f"{name}.pdf"
-    fig.savefig(png, metadata={"mmlab": blob, "Software": "mmlab"})
-    fig.savefig(pdf, metadata={"Title": name, "Subject": blob, "Creator": "mmlab"})
+    # tight: legends and notes placed outside the axes are part of the figure
+    fig.savefig(png, metadata={"mmlab": blob, "Software": "mmlab"}, bbox_inches="tight")
+    fig.savefig(pdf, metadata={"Title": name, "Subject": blob, "Creator": "mmlab"}, bbox_inches="tight")
     return [png, pdf]
 
 

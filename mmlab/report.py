@@ -48,11 +48,11 @@ def baseline_random_accuracy(df: pd.DataFrame):
     ax.plot(ok.keep_ratio * 100, ok.accuracy * 100, marker="o", lw=2, label="overall")
     for col in sorted(c for c in ok.columns if c.startswith("acc_")):
         ax.plot(ok.keep_ratio * 100, ok[col] * 100, marker=".", ls="--", label=col[4:])
-    ax.set_xscale("log")
+    _plain_log(ax, "x")
     ax.set_xlabel("visual tokens kept (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("tiny-llava, random visual-token pruning")
-    ax.legend(fontsize=7)
+    _legend(ax)
     return fig
 
 
@@ -63,17 +63,39 @@ def _method_rows(df: pd.DataFrame, setting: str, task: str) -> tuple[pd.DataFram
     """Rows of a method x ``setting`` grid table (mean over repeated runs) and the unmodified
     model's row (method ``none``), from ``mmlab.grid`` tables."""
     df = task_rows(df, task)
-    metrics = [c for c in df.columns if c in _METRICS or c.startswith("acc_")]
+    metrics = [c for c in df.columns if c in _METRICS or c.startswith("acc_") or c == "n"]
     g = df.groupby(["method", setting], as_index=False)[metrics].mean()
     ref = g[g.method == "none"]
     return g[g.method != "none"], (ref.iloc[0] if len(ref) else None)
 
 
 def _lines(ax, rows: pd.DataFrame, x: str, y: str, x_scale: float = 100, y_scale: float = 100, marker: str = "o"):
-    """One line per method: ``y`` against ``x`` (scaled, e.g. fractions to %)."""
+    """One line per method: ``y`` against ``x`` (scaled, e.g. fractions to %); an accuracy over ``n``
+    samples gets its 95% binomial interval as a band (the spread a small n leaves)."""
     for name, g in rows.groupby("method"):
         g = g.sort_values(x)
-        ax.plot(g[x] * x_scale, g[y] * y_scale, marker=marker, label=name)
+        (line,) = ax.plot(g[x] * x_scale, g[y] * y_scale, marker=marker, label=name)
+        if y == "accuracy" and "n" in g and g.n.notna().all():
+            half = 1.96 * np.sqrt(g[y] * (1 - g[y]) / g.n.clip(lower=1))
+            ax.fill_between(g[x] * x_scale, (g[y] - half) * y_scale, (g[y] + half) * y_scale, color=line.get_color(),
+                            alpha=0.12, lw=0)
+
+
+def _legend(ax, **kw) -> None:
+    """A legible legend (8 pt) outside the data, right of the axes (saved with a tight bounding box)."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, borderaxespad=0, **kw)
+
+
+def _plain_log(ax, axis: str = "y") -> None:
+    """Log scale with plain tick labels (15, 20, 30), not 1.5x10^1; minor labels only over a short range."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    getattr(ax, f"set_{axis}scale")("log")
+    a = getattr(ax, f"{axis}axis")
+    lo, hi = getattr(ax, f"get_{axis}lim")()
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_locator(LogLocator(subs=(2, 3, 5)))
+    a.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if hi / max(lo, 1e-12) < 100 else NullFormatter())
 
 
 def _percent_ticks(ax, ratios) -> None:
@@ -96,11 +118,11 @@ def pruning_accuracy(df: pd.DataFrame):
         ax.axhline(dense.accuracy * 100, color="k", ls="--", lw=1, label="no pruning")
     _percent_ticks(ax, rows.keep_ratio)
     ax.set_xlabel("visual tokens kept (%)")
-    ax.text(0.01, 0.01, "fastv: from layer K on; pdrop: per stage; aim: after merging, before in-LLM pruning",
-            transform=ax.transAxes, fontsize=6, color="0.4")
+    ax.text(0, -0.3, "fastv: from layer K on; pdrop: per stage; aim: after merging, before in-LLM pruning",
+            transform=ax.transAxes, fontsize=7, color="0.4")  # under the axes: never behind the data or legend
     ax.set_ylabel("accuracy (%)")
     ax.set_title("tiny-llava, shapes VQA: accuracy vs keep ratio")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax)
     return fig
 
 
@@ -116,7 +138,7 @@ def pruning_accuracy_vs_tflops(df: pd.DataFrame):
     ax.set_xlabel("LLM prefill MFLOPs per sample")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("accuracy vs compute")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax)
     return fig
 
 
@@ -135,7 +157,7 @@ def pruning_per_type(df: pd.DataFrame):
         ax.set_title(col[4:])
         ax.set_xlabel("kept (%)")
     axes[0][0].set_ylabel("accuracy (%)")
-    axes[0][-1].legend(fontsize=6)
+    _legend(axes[0][-1])
     fig.tight_layout()
     return fig
 
@@ -159,11 +181,11 @@ def _kv_plot(df: pd.DataFrame, task: str, metric: str, ylabel: str, title: str, 
     if none is not None:
         ax.axhline(none[metric] * (100 if metric == "accuracy" else 1), color="k", ls="--", lw=1, label="full cache")
     if log:
-        ax.set_yscale("log")
+        _plain_log(ax)
     ax.set_xlabel("KV budget (% of the context's cache kept)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax)
     return fig
 
 
@@ -198,7 +220,7 @@ def kv_cost(df: pd.DataFrame):
     axes[1].set_ylabel("decode ms / token (median)")
     for ax in axes:
         ax.set_xlabel("KV budget (%)")
-    axes[1].legend(fontsize=7)
+    _legend(axes[1])
     fig.tight_layout()
     return fig
 
@@ -217,16 +239,17 @@ def quant_perplexity(df: pd.DataFrame):
 
     rows, fp = _quant_rows(df, "weights")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for (name, group), g in rows.groupby(["method", rows.group_size.astype(str)]):
+    groups = rows.group_size.map(lambda v: f"{int(float(v))}" if str(v).replace(".", "", 1).isdigit() else str(v))
+    for (name, group), g in rows.groupby(["method", groups]):
         g = g.sort_values("weight_bits")
         ax.plot(g.weight_bits, g.perplexity, marker="o", ms=4, label=f"{name} g{group}")
     if fp is not None:
         ax.axhline(fp.perplexity, color="k", ls="--", lw=1, label="fp32")
-    ax.set_yscale("log")
+    _plain_log(ax)
     ax.set_xlabel("effective bits per weight")
     ax.set_ylabel("perplexity (log)")
     ax.set_title("smollm2-135m: weight quantization")
-    ax.legend(fontsize=6, ncol=2)
+    _legend(ax)
     return fig
 
 
@@ -245,7 +268,7 @@ def quant_kv(df: pd.DataFrame):
     for ax, label in zip(axes, ("perplexity", "KV cache (MiB)")):
         ax.set_xlabel("KV bits")
         ax.set_ylabel(label)
-        ax.legend(fontsize=7)
+        _legend(ax)
     fig.suptitle("smollm2-135m: KIVI KV-cache quantization", fontsize=9)
     return fig
 
@@ -356,7 +379,7 @@ def mod_accuracy(df: pd.DataFrame):
             ax.plot(r[x], r.accuracy * 100, marker="*" if "trained" in r.config else "o", ms=10, ls="", label=r.config)
         ax.set_xlabel(label)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=6, loc="lower right")
+    _legend(axes[1])
     fig.suptitle(f"{rows.model.iloc[0]}: MoD schedules at mean retention {rows.target_retention.iloc[0]:.3f} "
                  f"({int(rows.n.iloc[0])} samples)")
     fig.tight_layout()
@@ -424,7 +447,7 @@ def bench_accuracy_vs_tflops(df: pd.DataFrame):
         ax.set_xlabel("LLM prefill MFLOPs per answer")
         ax.set_ylabel(t.metric.iloc[0])
         ax.set_title(f"{t.model.iloc[0]} on {task} (n={int(t.n.max())} per run)", fontsize=9)
-        ax.legend(fontsize=7)
+        _legend(ax)
     return fig
 
 
@@ -527,6 +550,9 @@ def _keeps(existing: int | None, new: int | None, path: Path, table: Path, force
     return True
 
 
+COUNTS = ("n_samples", "windows", "ppl_windows")  # sweep parameters that say how much data a figure rests on
+
+
 def build_figures(runs_root: str | Path = "runs", out: str | Path | None = None, force: bool = False) -> list[Path]:
     """Every report figure whose sweep has a collected table; returns the files written. A figure
     made from fewer samples than the one already at its place is not written without ``force``."""
@@ -553,8 +579,9 @@ def build_figures(runs_root: str | Path = "runs", out: str | Path | None = None,
             print(f"skip {name}: {table} has {e} (re-run `mmlab sweep sweeps/{sweep}.yaml`)")
             continue
         failed = int((df.drop_duplicates("run_id").status != "ok").sum()) if "status" in df else 0
-        fig.text(0.995, 0.005, f"n = {n if n is not None else '?'} samples" + (f", {failed} failed runs" if failed
-                 else ""), ha="right", va="bottom", fontsize=7, color="0.4")
+        counts = [f"{k} = {df[k].max():g}" for k in COUNTS if k in df and pd.api.types.is_numeric_dtype(df[k])]
+        note = ", ".join(counts + [f"{failed} failed runs"] * bool(failed)) or "sample count not recorded"
+        fig.text(0.995, 0.005, note, ha="right", va="bottom", fontsize=7, color="0.4")
         params = {"table": str(table), "rows": len(df), "n_samples": n, "failed_runs": failed}
         written += figures.save(fig, name, params=params, sweep=sweep, runs=df.run_id.tolist(), directory=target)
         plt.close(fig)

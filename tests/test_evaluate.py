@@ -46,3 +46,15 @@ def test_perplexity_bad_input(smol, tiny):
         mmlab.perplexity(smol, "too short", window=128)
     with pytest.raises(mmlab.MethodError, match="text LM"):
         mmlab.perplexity(tiny, "x", window=8)
+
+
+def test_timings_come_with_their_spread():
+    """Interquartile range over median: a busy machine's timings are flagged by it, not read as results."""
+    import statistics
+
+    from mmlab.evaluate import spread
+
+    assert spread([10.0] * 5) == 0 and math.isnan(spread([1.0, 2.0, 3.0]))
+    vals = [10.0, 11.0, 10.5, 50.0, 10.2, 9.9, 10.1, 60.0]
+    q1, _, q3 = statistics.quantiles(vals, n=4)
+    assert spread(vals) == pytest.approx((q3 - q1) / statistics.median(vals)) and spread(vals) > 0.5
