@@ -23,7 +23,8 @@ own layer's package base); imports point one way and never in a circle
                               model), swapped / hooked in *around* the engine (calibration uses it)
     evaluate                  run / prefill with the swap, evaluate, perplexity, grid
     recording, figures        mmlab.record, figures with provenance
-    viz                       drawings read from Traces, the explorer
+    viz                       drawings read from Traces
+    explorer                  the ipywidgets explorer: run A beside run B, a view per family
     bench                     lmms-eval / lm-eval models over the engine, answer costs, mmlab's lmms-eval tasks
                               (imports its harness only when used; ``import mmlab`` never does)
     report, batch, testing    report figures / tables from collected sweeps, sweeps, tiny random models
@@ -82,6 +83,7 @@ MODULE_ORDER = [
     ["evaluate"],
     ["recording", "figures"],
     ["viz"],
+    ["explorer"],
     ["bench"],
     ["report", "batch", "testing"],
     ["tiny"],

@@ -32,7 +32,7 @@ class Trace:
     image_merged_into: dict[int, torch.Tensor] = field(default_factory=dict)
     # per decoder layer of the prefill: source indices of the tokens that entered it
     layer_tokens: list[torch.Tensor] = field(default_factory=list)
-    # per decoder layer: KV length held after the prefill (and after after_prefill methods)
+    # per decoder layer: KV length held after the prefill, before / after the after_prefill methods
     kv_lengths_prefill: list[int] = field(default_factory=list)
     kv_lengths_final: list[int] = field(default_factory=list)
     # per decode step: KV length per layer that step attended over

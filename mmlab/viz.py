@@ -9,7 +9,11 @@
 - ``attention_share`` / ``attention_shares``: per layer, the share of the last prompt token's
   attention that image / text tokens receive (FastV's observation), one run / over samples.
 - ``plot_tokens_per_layer``: per-layer token counts of several traces.
-- ``Explorer``: the ipywidgets explorer of ``notebooks/05_explorer.ipynb``.
+- ``kv_status`` / ``kv_html`` / ``draw_kv_scores`` / ``plot_kv_per_layer``: what a KV method did to each
+  prompt token (kept, evicted, merged into which, quantized), per layer and KV head.
+- ``routed_grid`` / ``draw_router_weights``: Mixture-of-Depths routing on the image grid.
+- ``group_error_map`` / ``output_errors``: a quantized linear's error per group and on a sample.
+The explorer of ``notebooks/05_explorer.ipynb`` is ``mmlab.explorer``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import numpy as np
 import torch
 
 from mmlab.evaluate import run
-from mmlab.methods import available, get, knob
 from mmlab.trace import Trace
 
 
@@ -45,7 +48,8 @@ def token_status(trace: Trace, layer: int = 0, image: int = 0) -> np.ndarray:
     return status
 
 
-def draw_status(image, status: np.ndarray, grid: tuple[int, int] | None, ax=None, title: str | None = None):
+def draw_status(image, status: np.ndarray, grid: tuple[int, int] | None, ax=None, title: str | None = None,
+                present: str = "kept", absent: str = "removed"):
     """The image with the tokens of ``status`` (grid order; 1 present, 0 removed, 2 merged) drawn:
     removed shaded dark, merged hatched."""
     import matplotlib.pyplot as plt
@@ -68,7 +72,20 @@ def draw_status(image, status: np.ndarray, grid: tuple[int, int] | None, ax=None
             ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, fill=False, hatch="///", edgecolor="white", lw=0))
     ax.set_title(title or f"{int((status == 1).sum())}/{len(status)} visual tokens")
     ax.axis("off")
+    status_legend(ax, merged=bool((np.asarray(status) == 2).any()), present=present, absent=absent)
     return ax
+
+
+def status_legend(ax, merged: bool = False, present: str = "kept", absent: str = "removed") -> None:
+    """The key of ``draw_status``: what a clear, a shaded and a hatched cell mean."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor="white", edgecolor="0.5", label=present),
+               Patch(facecolor="black", alpha=0.65, label=absent)]
+    if merged:
+        handles.append(Patch(facecolor="0.6", hatch="///", edgecolor="white", label="merged"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=len(handles), fontsize=7,
+              frameon=False, handlelength=1)
 
 
 def draw_groups(image, groups: np.ndarray, reps: list[int], grid: tuple[int, int], ax=None, title: str | None = None):
@@ -195,21 +212,59 @@ def attention_grid(trace: Trace, layer: int, head: int | None = None, image_inde
 
 
 def draw_attention(trace: Trace, image, layer: int, head: int | None = None, ax=None, image_index: int = 0):
+    """The last prompt token's attention over the image's tokens in ``layer`` (``head``; None: mean)."""
+    if trace.image_grid is None:
+        import matplotlib.pyplot as plt
+
+        ax = ax or plt.gca()
+        ax.imshow(image)
+        ax.set_title("(no 2-D token grid)")
+        return ax
+    g = attention_grid(trace, layer, head, image_index)
+    which = "mean of heads" if head is None else f"head {head}"
+    return draw_attention_grid(image, g, ax, title=f"layer {layer} {which}")
+
+
+def draw_attention_grid(image, grid: np.ndarray, ax=None, vmax: float | None = None, title: str = ""):
+    """An ``attention_grid`` over the image on a labelled colour bar (``vmax``: a scale shared with
+    another map); a map with no visual token left says so."""
     import matplotlib.pyplot as plt
 
     ax = ax or plt.gca()
     ax.imshow(image)
-    if trace.image_grid is None:
-        ax.set_title("(no 2-D token grid)")
-        return ax
-    g = attention_grid(trace, layer, head, image_index)
-    h, w = np.asarray(image).shape[:2]
-    im = ax.imshow(np.ma.masked_invalid(g), cmap="magma", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest")
-    share = float(np.nansum(g))
-    ax.set_title(f"layer {layer} {'mean of heads' if head is None else f'head {head}'}: "
-                 f"{share:.0%} of last-token attention on image")
     ax.axis("off")
-    plt.colorbar(im, ax=ax, fraction=0.046)
+    if not np.isfinite(grid).any():
+        ax.set_title(f"{title}\nno visual tokens left at this layer", fontsize=8)
+        return ax
+    h, w = np.asarray(image).shape[:2]
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="magma", alpha=0.6, extent=(0, w, h, 0), interpolation="nearest",
+                   vmin=0, vmax=vmax)
+    ax.set_title(f"{title}: {float(np.nansum(grid)):.0%} of last-token attention on image", fontsize=8)
+    plt.colorbar(im, ax=ax, fraction=0.046, label="attention of the last prompt token")
+    return ax
+
+
+def draw_kept_diff(image, a: np.ndarray, b: np.ndarray, grid: tuple[int, int], ax=None):
+    """Visual tokens present in run A only (blue), in B only (orange), in both (clear), in neither (dark)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch, Rectangle
+
+    ax = ax or plt.gca()
+    ax.imshow(image)
+    rows, cols = grid
+    h, w = np.asarray(image).shape[:2]
+    ph, pw = h / rows, w / cols
+    style = {(True, False): ("#1f77b4", 0.6), (False, True): ("#ff7f0e", 0.6), (False, False): ("black", 0.65)}
+    for k, key in enumerate(zip(a.tolist(), b.tolist())):
+        if key in style:
+            r, c = divmod(k, cols)
+            ax.add_patch(Rectangle((c * pw, r * ph), pw, ph, color=style[key][0], alpha=style[key][1], lw=0))
+    ax.set_title(f"A only {int((a & ~b).sum())}, B only {int((b & ~a).sum())}, both {int((a & b).sum())}",
+                 fontsize=8)
+    ax.axis("off")
+    labels = ("A only", "B only", "neither")
+    ax.legend(handles=[Patch(color=c, alpha=al, label=lb) for (c, al), lb in zip(style.values(), labels)],
+              loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=7, frameon=False, handlelength=1)
     return ax
 
 
@@ -236,76 +291,167 @@ def summary_rows(traces: dict[str, Trace]) -> list[dict]:
     return rows
 
 
-class Explorer:
-    """Pick a sample, a method and its settings; see kept tokens, attention, counts, answer, cost.
+# --- KV cache: what a method did to each prompt token, per layer and KV head -------------------------
+KV_STATES = ("kept", "evicted", "merged", "quantized", "not in this layer")
+KV_COLOURS = ("#bfe3bf", "#e6e6e6", "#ffc98a", "#bcd4ff", "#fafafa")
 
-    The baseline (no method) trace of each sample is computed once and cached; method runs
-    are cached by (sample, method, keep_ratio), so moving the layer / head sliders only redraws.
-    """
 
-    def __init__(self, bundle, samples, methods: list[str] | None = None):
-        self.bundle, self.samples = bundle, samples
-        self.layers = list(range(bundle.n_layers))
-        names = methods or [m for m in available() if get(m).needs_image]
-        self.method_names = ["none", *names]
-        self._cache: dict = {}
-        self.runs = 0  # engine runs performed (the cache's effect is visible here)
+def kv_status(trace: Trace, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per prompt token (source index): its state in ``layer``'s cache for KV head ``head``
+    (an index into ``KV_STATES``) and, for a merged token, the source index it merged into (-1 else)."""
+    n = trace.prompt_length
+    status, into = np.full(n, 4), np.full(n, -1)
+    src = trace.layer_tokens[layer].numpy()  # cache position -> source index
+    status[src] = 0
+    kept = trace.extra.get("kv_kept", {}).get(layer)
+    if kept is not None:
+        status[src] = 1
+        status[src[kept[head].numpy()]] = 0
+    merged = trace.extra.get("kv_merged_into", {}).get(layer)
+    if merged is not None:
+        m = merged[head].numpy()
+        status[src[m >= 0]], into[src[m >= 0]] = 2, src[m[m >= 0]]
+    quantized = trace.extra.get("kv_quantized", {}).get(layer)
+    if quantized:  # the oldest keys of the (compressed) cache, in cache order
+        order = src[kept[head].numpy()] if kept is not None else src
+        status[order[: quantized[0]]] = 3
+    return status, into
 
-    def trace(self, index: int, method: str, keep_ratio: float) -> Trace:
-        key = (index, method, None if method == "none" else keep_ratio)
-        if key not in self._cache:
-            methods = [] if method == "none" else [get(method, **{knob(method): keep_ratio})]
-            self._cache[key] = run(self.bundle, self.samples[index], methods, attention_layers=self.layers)
-            self.runs += 1
-        return self._cache[key]
 
-    def figure(self, index: int, method: str, keep_ratio: float, layer: int, head: int | None):
-        import matplotlib.pyplot as plt
+def kv_html(pieces: list[str], modality: np.ndarray, status: np.ndarray, into: np.ndarray) -> str:
+    """The prompt as text, each token coloured by its ``kv_status`` (hover: what happened to it);
+    each image's tokens summarised in one box."""
+    import html
 
-        base = self.trace(index, "none", 1.0)
-        tr = self.trace(index, method, keep_ratio)
-        img = self.samples[index].image
-        fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
-        draw_tokens(tr, img, axes[0], layer=layer, title=f"{method}: tokens at layer {layer}")
-        draw_attention(base, img, layer, head, axes[1])
-        axes[1].set_title(f"baseline attention, layer {layer}", fontsize=8)
-        draw_attention(tr, img, layer, head, axes[2])
-        axes[2].set_title(f"{method} attention, layer {layer}", fontsize=8)
-        plot_tokens_per_layer({"baseline": base, method: tr}, axes[3])
-        fig.tight_layout()
-        return fig, base, tr
+    legend = "".join(f"<span style='background:{c};padding:0 4px;margin-right:4px'>{s}</span>"
+                     for s, c in zip(KV_STATES, KV_COLOURS))
+    out, i = [f"<div class='mmlab-kv-legend' style='margin-bottom:4px'>{legend}</div>"], 0
+    while i < len(pieces):
+        if modality[i] >= 0:  # one box per image
+            j = i
+            while j < len(pieces) and modality[j] == modality[i]:
+                j += 1
+            counts = ", ".join(f"{int((status[i:j] == k).sum())} {KV_STATES[k]}" for k in range(4)
+                               if (status[i:j] == k).any())
+            out.append(f"<span style='border:1px solid #888;padding:0 3px'>[image {modality[i]}: {j - i} tokens: "
+                       f"{counts}]</span>")
+            i = j
+            continue
+        tip = KV_STATES[status[i]] + (f" into #{into[i]} {pieces[into[i]]!r}" if into[i] >= 0 else "")
+        deco = "line-through" if status[i] == 1 else "none"
+        out.append(f"<span title='#{i} {html.escape(tip, quote=True)}' style='background:{KV_COLOURS[status[i]]};"
+                   f"text-decoration:{deco}'>{html.escape(pieces[i])}</span>")
+        i += 1
+    return "<div class='mmlab-kv-text' style='white-space:pre-wrap;font-family:monospace;font-size:11px;" \
+           "line-height:1.6'>" + "".join(out) + "</div>"
 
-    def show(self):
-        import ipywidgets as w
-        import matplotlib.pyplot as plt
-        from IPython.display import display
 
-        n_heads = self.bundle.decoder.config.num_attention_heads
-        sample = w.IntSlider(0, 0, len(self.samples) - 1, description="sample")
-        method = w.Dropdown(options=self.method_names, value=self.method_names[-1], description="method")
-        keep = w.FloatSlider(value=0.25, min=0.05, max=1.0, step=0.05, description="keep_ratio")
-        layer = w.IntSlider(0, 0, len(self.layers) - 1, description="layer")
-        head = w.Dropdown(options=[("mean", None)] + [(str(h), h) for h in range(n_heads)], description="head")
-        out, info = w.Output(), w.HTML()
-        info.add_class("mmlab-info")
+def draw_kv_scores(trace: Trace, layer: int, head: int, ax=None):
+    """The attention each cached token received in ``layer`` (summed over the prompt's queries, the
+    H2O score; query heads of KV head ``head`` averaged), coloured by its ``kv_status``."""
+    import matplotlib.pyplot as plt
 
-        def update(_=None):
-            s = self.samples[sample.value]
-            fig, base, tr = self.figure(sample.value, method.value, keep.value, layer.value, head.value)
-            rows = summary_rows({"baseline": base, method.value: tr})
-            cells = "".join(f"<tr>{''.join(f'<td>{v}</td>' for v in r.values())}</tr>" for r in rows)
-            info.value = (f"<b>Q:</b> {s.question} &nbsp; <b>truth:</b> {s.answer} &nbsp; "
-                          f"<b class='mmlab-answer'>{method.value}: {tr.answer}</b>"
-                          f"<table><tr>{''.join(f'<th>{k}</th>' for k in rows[0])}</tr>{cells}</table>")
-            with out:
-                out.clear_output(wait=True)
-                display(fig)
-                plt.close(fig)
+    ax = ax or plt.gca()
+    if layer not in trace.attentions:
+        ax.set_title(f"no attention recorded for layer {layer}")
+        return ax
+    att = trace.attentions[layer]  # (heads, q, k) over the tokens that entered the layer
+    group = trace.dims["q_dim"] // trace.dims["kv_dim"]  # query heads per KV head
+    received = att[head * group:(head + 1) * group].sum(1).mean(0).numpy()
+    status, _ = kv_status(trace, layer, head)
+    src = trace.layer_tokens[layer].numpy()
+    for k, (name, colour) in enumerate(zip(KV_STATES[:4], KV_COLOURS[:4])):
+        sel = status[src] == k
+        if sel.any():
+            ax.scatter(src[sel], received[sel], s=6, color=colour, edgecolor="0.3", lw=0.2, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt position")
+    ax.set_ylabel("attention received (sum over queries)")
+    ax.set_title(f"layer {layer}, KV head {head}: the scores H2O ranks by", fontsize=8)
+    ax.legend(fontsize=7, markerscale=2)
+    return ax
 
-        for c in (sample, method, keep, layer, head):
-            c.observe(update, names="value")
-        update()
-        box = w.VBox([w.HBox([sample, method, keep]), w.HBox([layer, head]), info, out])
-        box.add_class("mmlab-explorer")
-        display(box)
-        return box
+
+def plot_kv_per_layer(traces: dict[str, Trace], ax=None):
+    """Cache length per layer after the prefill and its methods, and total bytes, per run."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    for label, tr in traces.items():
+        ax.plot(tr.kv_lengths_final, marker="o", ms=3, label=f"{label}: {tr.kv_bytes / 1024:.0f} KiB")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("cached tokens after the methods")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    return ax
+
+
+# --- Mixture-of-Depths: routed tokens and router weights ---------------------------------------------
+def routed_grid(trace: Trace, layer: int, image: int = 0) -> np.ndarray:
+    """Per visual token of ``image`` (grid order): 1 = processed by ``layer``, 0 = skipped (rode the residual)."""
+    src = _image_positions(trace, image)
+    present = np.isin(src.numpy(), trace.layer_tokens[layer].numpy())
+    return present.astype(float)
+
+
+def draw_router_weights(trace: Trace, image, layer: int, ax=None, image_index: int = 0):
+    """The trained router's weight of every live visual token in ``layer`` on the image grid."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.gca()
+    ax.imshow(image)
+    ax.axis("off")
+    rec = trace.extra.get("router_weights", {}).get(layer)
+    if rec is None or trace.image_grid is None:
+        ax.set_title(f"layer {layer}: no router weights (not a routed layer, or a training-free method)",
+                     fontsize=7)
+        return ax
+    src, w = rec
+    rows, cols = trace.image_grid
+    first = int(_image_positions(trace, image_index)[0])
+    grid = np.full(rows * cols, np.nan)
+    for s_, v in zip(src.tolist(), w.tolist()):
+        if int(trace.modality[s_]) == image_index:
+            grid[s_ - first] = v
+    h, wd = np.asarray(image).shape[:2]
+    im = ax.imshow(np.ma.masked_invalid(grid.reshape(rows, cols)), cmap="viridis", alpha=0.65, extent=(0, wd, h, 0),
+                   interpolation="nearest")
+    plt.colorbar(im, ax=ax, fraction=0.046, label="router weight")
+    ax.set_title(f"layer {layer}: router weights", fontsize=8)
+    return ax
+
+
+# --- quantization: per module weight error, groups and output error ----------------------------------
+def group_error_map(w: torch.Tensor, q: torch.Tensor, group_size: int | None, max_rows: int = 64) -> np.ndarray:
+    """Mean |W - Q| per (block of rows, input group): (<= max_rows, groups)."""
+    err = (w.float() - q.float()).abs()
+    rows, cols = err.shape
+    g = cols if not group_size else group_size
+    per_group = err.reshape(rows, cols // g, g).mean(-1)
+    step = max(1, rows // max_rows)
+    return per_group[: rows - rows % step].reshape(-1, step, per_group.shape[1]).mean(1).numpy()
+
+
+@torch.no_grad()
+def output_errors(bundle, sample, weights: dict[str, torch.Tensor], names: list[str]) -> dict[str, float]:
+    """Relative output error ||x (W - Q)^T|| / ||x W^T|| of each linear on ``sample``'s prefill inputs."""
+    mods = dict(bundle.model.named_modules())
+    inputs, hooks = {}, []
+
+    def keep_input(name):
+        def hook(module, args, output) -> None:  # returns None: the output is left as it is
+            inputs.setdefault(name, args[0].detach())
+        return hook
+
+    for n in names:
+        hooks.append(mods[n].register_forward_hook(keep_input(n)))
+    try:
+        run(bundle, sample, [], max_new_tokens=1)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n in names:
+        x, w = inputs[n].reshape(-1, inputs[n].shape[-1]).float().clone(), mods[n].weight.detach().float()
+        out[n] = float((x @ (w - weights[n].float()).T).norm() / (x @ w.T).norm().clamp(min=1e-12))
+    return out

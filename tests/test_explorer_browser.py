@@ -56,7 +56,7 @@ def _browser():
     opts.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1900,1300"):
+                 "--disable-dev-shm-usage", "--window-size=1900,2400"):
         opts.add_argument(flag)
     return webdriver.Chrome(service=Service(DRIVER), options=opts)
 
@@ -71,40 +71,52 @@ def _click_menu(driver, wait, menu: str, item: str):
 
 
 def test_explorer_renders_and_reacts(lab, tmp_path):
+    """Run the notebook: four explorers render (tiny-llava, SmolLM2 KV, multi-image KV, trained MoD);
+    switching the method changes the view and its controls; a bad parameter shows one red line."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver = _browser()
     try:
-        wait = WebDriverWait(driver, 180)
+        wait = WebDriverWait(driver, 300)
         driver.get(lab)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")
                    or d.find_elements(By.CSS_SELECTOR, ".jp-Toolbar-kernelName"))
         time.sleep(2)  # let the kernel settle before running
         _click_menu(driver, wait, "Run", "Run All Cells")
-        answer = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".mmlab-explorer .mmlab-answer"))[0]
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".mmlab-explorer .jp-OutputArea-output img"))
-        before = answer.text
-        output_img = ".mmlab-explorer .jp-OutputArea-output img"
-        img_before = driver.find_element(By.CSS_SELECTOR, output_img).get_attribute("src")
-        assert before.startswith("random:"), before
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".mmlab-explorer .mmlab-answer")) == 4)
+        first = driver.find_elements(By.CSS_SELECTOR, ".mmlab-explorer")[0]
 
         def img_src(d):
-            return d.find_element(By.CSS_SELECTOR, ".mmlab-explorer .jp-OutputArea-output img").get_attribute("src")
+            imgs = first.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")
+            return imgs[0].get_attribute("src") if imgs else None
 
-        Select(driver.find_element(By.CSS_SELECTOR, ".mmlab-explorer select")).select_by_visible_text("none")
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".mmlab-explorer .mmlab-answer").text.startswith("none:"))
-        wait.until(lambda d: img_src(d) != img_before)
-        img_none = img_src(driver)
-        Select(driver.find_element(By.CSS_SELECTOR, ".mmlab-explorer select")).select_by_visible_text("random")
-        answer = ".mmlab-explorer .mmlab-answer"
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, answer).text.startswith("random:"))
-        wait.until(lambda d: img_src(d) != img_none)
+        def select(i):
+            return Select(first.find_elements(By.CSS_SELECTOR, "select")[i])
+
+        wait.until(img_src)
+        assert len(select(1).options) > 1 and select(1).first_selected_option.text == "mean"  # populated, labelled
+        before = img_src(driver)
+        select(0).select_by_visible_text("mod")  # Mixture-of-Depths view: routed tokens, router, schedule
+        wait.until(lambda d: img_src(d) not in (None, before))
+        before = img_src(driver)
+        select(0).select_by_visible_text("rtn")  # quantization view: a module chooser appears
+        wait.until(lambda d: img_src(d) not in (None, before))
+        wait.until(lambda d: "self_attn.q_proj" in [o.text for o in select(2).options])
+        params = first.find_elements(By.CSS_SELECTOR, "input[type='text']")[0]
+        params.send_keys("nonsense=1", Keys.ENTER)
+        wait.until(lambda d: "has no parameter nonsense" in first.find_element(By.CSS_SELECTOR, ".mmlab-error").text)
+        wait.until(lambda d: img_src(d) is None)  # the stale view is cleared
+        kv = driver.find_elements(By.CSS_SELECTOR, ".mmlab-explorer")[1]
+        assert len(kv.find_elements(By.CSS_SELECTOR, ".mmlab-kv-text span")) > 100  # SmolLM2 prompt, token by token
+        select(0).select_by_visible_text("divprune")
+        wait.until(lambda d: img_src(d) is not None and not first.find_element(By.CSS_SELECTOR, ".mmlab-error").text)
         time.sleep(1)
         update = os.environ.get("MMLAB_UPDATE_SCREENSHOT")
         shot = ROOT / "figures" / "explorer.png" if update else tmp_path / "explorer.png"
-        driver.find_element(By.CSS_SELECTOR, ".mmlab-explorer").screenshot(str(shot))
+        first.screenshot(str(shot))
         assert shot.stat().st_size > 10_000
     finally:
         driver.quit()

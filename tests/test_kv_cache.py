@@ -135,8 +135,11 @@ def test_lookm_merges_match_loop_reference(merge):
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(1, 2, 20, 8, generator=gen), torch.randn(1, 2, 20, 8, generator=gen)
     kept = torch.stack([torch.randperm(20, generator=gen)[:7].sort().values for _ in range(2)])
-    k, v = merge_into_kept(keys, values, kept, merge)
+    k, v, into = merge_into_kept(keys, values, kept, merge)
     rk, rv = _merge_reference(keys, values, kept, merge)
+    for h in range(2):  # every merged position points at a kept one; kept positions merge nowhere
+        assert set(into[h][into[h] >= 0].tolist()) <= set(kept[h].tolist()) and (into[h][kept[h]] == -1).all()
+    assert (into >= 0).any()
     assert torch.allclose(k, rk, atol=1e-5) and torch.allclose(v, rv, atol=1e-5)
 
 
@@ -164,8 +167,8 @@ def test_gaussian_merge_matches_formula():
     score = torch.tensor([0.1, 0.9, 0.3, 0.2, 0.8, 0.05])
     sets = torch.tensor([0, 0, 0, 1, 1, 2])
     kept = torch.tensor([1, 4])
-    nk, nv, merged = gaussian_merge(k, v, score, kept, sets)
-    assert merged == 3  # tokens 0 and 2 into 1, token 3 into 4; token 5's set kept nothing
+    nk, nv, into = gaussian_merge(k, v, score, kept, sets)
+    assert into.tolist() == [1, -1, 1, 4, -1, -1]  # tokens 0 and 2 into 1, token 3 into 4; token 5's set kept nothing
     d2 = torch.stack([(k[0] - k[1]).pow(2).sum(), (k[2] - k[1]).pow(2).sum()])
     w = torch.exp(-d2 / (2 * d2.mean()))
     assert torch.allclose(nk[1], (k[1] + w[0] * k[0] + w[1] * k[2]) / (1 + w.sum()), atol=1e-6)

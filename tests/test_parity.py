@@ -100,7 +100,8 @@ def test_lookm_weighted_filter_is_shared_across_heads():
     sims = [(0.9, 0.1), (0.8, 0.2), (0.3, 0.7)]
     keys = torch.tensor([[[1.0, 0, 0, 0], _unit(a), _unit(b)] for a, b in sims])[None]  # (1, 3, 3, 4)
     values = torch.tensor([[[1.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, 100.0, 0]]] * 3)[None]
-    k, v = merge_into_kept(keys, values, torch.zeros(3, 1, dtype=torch.long), "weighted")
+    k, v, into = merge_into_kept(keys, values, torch.zeros(3, 1, dtype=torch.long), "weighted")
+    assert into.tolist() == [[-1, 0, -1]] * 3  # the shared filter: slot 1 joins token 0 in every head
     for h, (a, _) in enumerate(sims):
         assert torch.allclose(v[0, h, 0], torch.tensor([1.0, 10 * a, 0, 0]) / 2), h
         assert torch.allclose(k[0, h, 0], (torch.tensor([1.0, 0, 0, 0]) + a * torch.tensor(_unit(a))) / 2)
@@ -116,7 +117,7 @@ def test_lookm_official_text_prior_keeps_every_text_token():
 
     is_image = torch.tensor([False] * 4 + [True] * 12 + [False] * 4)  # text 0-3, images 4-15, text 16-19
     scores = torch.arange(20, dtype=torch.float)[None].expand(2, -1)
-    ctx = SimpleNamespace(cache_is_image=lambda layer: is_image)
+    ctx = SimpleNamespace(cache_is_image=lambda layer: is_image, trace=SimpleNamespace(extra={}))
     keys, values = torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 4)
     for keep_all, expected in ((False, [2, 3, 17, 18, 19, 16]), (True, [0, 1, 2, 3, 16, 17, 18, 19])):
         m = get("lookm", budget=6, recent_ratio=0.5, merge="none", keep_all_text=keep_all)

@@ -17,14 +17,3 @@ def test_token_status_and_attention_grid_follow_the_trace(tiny, test_samples):
     is_img = tr.modality[tr.layer_tokens[2]] >= 0
     on_image = float(tr.attentions[2][:, -1].mean(0)[is_img].sum())
     assert np.nansum(g) == np.float64(on_image) or abs(np.nansum(g) - on_image) < 1e-5
-
-
-def test_explorer_caches_runs(tiny, test_samples):
-    ex = viz.Explorer(tiny, test_samples[:2])
-    for layer in range(tiny.n_layers):  # moving the layer slider redraws only
-        fig, *_ = ex.figure(0, "random", 0.25, layer, None)
-        matplotlib.pyplot.close(fig)
-    assert ex.runs == 2  # one baseline + one method run
-    fig, *_ = ex.figure(1, "random", 0.25, 0, 1)
-    matplotlib.pyplot.close(fig)
-    assert ex.runs == 4

@@ -158,6 +158,7 @@ class Method:
     prefill_attention: ClassVar[bool] = False  # True: ctx.attention(any layer) works in after_prefill
     quantizes_weights: ClassVar[bool] = False  # True: has quantize_weights, run once by the weight swap
     quantizes_cache: ClassVar[bool] = False  # True: writes cache.quantized (must come last among KV methods)
+    requires: ClassVar[tuple[str, ...]] = ()  # what the checkpoint must carry besides weights (``ctx.extras`` keys)
 
     def __post_init__(self) -> None:
         self.check()

@@ -197,12 +197,14 @@ def merge_into_kept(keys, values, kept, merge: str):
               (k_c + sum s_e k_e) / (1 + n_c); one filter shared by the heads, as the official code
               (SUSTechBruce/LOOK-M, kv_token_merge/modify_llama.py): the j-th eviction of every head
               joins when its similarity averaged over heads is >= the mean over all heads and evictions
-    Values follow their keys' assignments and weights. Returns the merged (1, h, k, d) tensors.
+    Values follow their keys' assignments and weights. Returns the merged (1, h, k, d) tensors and,
+    per head and cache position, the position of the kept token it merged into (-1: none; (h, n)).
     """
     h, n, d = keys.shape[1], keys.shape[2], keys.shape[3]
     k_kept, v_kept = gather_tokens(keys, kept)[0], gather_tokens(values, kept)[0]  # (h, k, d)
+    into = torch.full((h, n), -1, dtype=torch.long, device=keys.device)
     if merge == "none":
-        return k_kept[None], v_kept[None]
+        return k_kept[None], v_kept[None], into
     evict_mask = torch.ones(h, n, dtype=torch.bool, device=keys.device).scatter_(1, kept, False)
     ev = evict_mask.nonzero()[:, 1].view(h, -1)  # every head evicts the same number of tokens
     k_ev, v_ev = gather_tokens(keys, ev)[0], gather_tokens(values, ev)[0]  # (h, e, d)
@@ -223,7 +225,8 @@ def merge_into_kept(keys, values, kept, merge: str):
     count = torch.ones(h, k_kept.shape[1], device=keys.device, dtype=k_kept.dtype).scatter_add_(1, target, joins)
     k_new = k_kept.scatter_add(1, idx, k_src.to(k_kept.dtype)) / count[..., None]
     v_new = v_kept.scatter_add(1, idx, v_src.to(v_kept.dtype)) / count[..., None]
-    return k_new[None], v_new[None]
+    into.scatter_(1, ev, torch.where(joins > 0, kept.gather(1, target), -1))
+    return k_new[None], v_new[None], into
 
 
 @register
@@ -262,7 +265,8 @@ class LookM(HeavyHitterKV):
             mask = torch.zeros(scores.shape, dtype=torch.bool, device=kept.device).scatter_(1, kept, True)
             mask |= ~ctx.cache_is_image(layer).to(kept.device)[None, :]
             kept = mask.nonzero()[:, 1].view(mask.shape[0], -1)  # text is the same for every head
-        k, v = merge_into_kept(keys, values, kept, self.merge)
+        k, v, into = merge_into_kept(keys, values, kept, self.merge)
+        ctx.trace.extra.setdefault("kv_merged_into", {})[layer] = into.cpu()
         return k, v, kept
 
 
@@ -282,7 +286,8 @@ def merging_sets(keys: torch.Tensor, threshold: float) -> torch.Tensor:
 def gaussian_merge(k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, kept: torch.Tensor, sets: torch.Tensor):
     """One head: fold each set's evicted states into the set's most attended kept state (the pivot)
     with weights exp(-||k_i - k_p||^2 / (2 sigma^2)), sigma^2 = the set's mean squared distance to
-    the pivot (the pivot weighs 1). ``k``, ``v`` (n, d) float; returns them and the merge count."""
+    the pivot (the pivot weighs 1). ``k``, ``v`` (n, d) float; returns them and, per position, the
+    pivot it merged into (-1: kept, or evicted without a pivot)."""
     n = k.shape[0]
     is_kept = torch.zeros(n, dtype=torch.bool, device=k.device)
     is_kept[kept] = True
@@ -294,8 +299,9 @@ def gaussian_merge(k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, kept: 
     pivot_of_set[sets[is_pivot]] = torch.nonzero(is_pivot).flatten()
     pivot = pivot_of_set[sets]  # -1: the set kept nothing, its states are simply evicted
     merging = ~is_kept & (pivot >= 0)
+    into = torch.where(merging, pivot, -1)
     if not merging.any():
-        return k, v, 0
+        return k, v, into
     src, dst = torch.nonzero(merging).flatten(), pivot[merging]
     d2 = (k[src] - k[dst]).pow(2).sum(-1)
     cnt = torch.zeros(n, device=k.device).index_add_(0, dst, torch.ones_like(d2))
@@ -304,7 +310,7 @@ def gaussian_merge(k: torch.Tensor, v: torch.Tensor, score: torch.Tensor, kept: 
     wsum = torch.ones(n, device=k.device).index_add_(0, dst, w)
     k = k.index_add(0, dst, k[src] * w[:, None]) / wsum[:, None]
     v = v.index_add(0, dst, v[src] * w[:, None]) / wsum[:, None]
-    return k, v, int(merging.sum())
+    return k, v, into
 
 
 @register
@@ -331,9 +337,10 @@ class KVMerger(HeavyHitterKV):
         scores = self.scores(ctx, layer, keys)
         kept = self.keep_set(scores, n_keep)
         sets = merging_sets(keys[0], self.threshold)
-        k, v, merged = keys[0].float().clone(), values[0].float().clone(), 0
+        k, v = keys[0].float().clone(), values[0].float().clone()
+        into = torch.full(scores.shape, -1, dtype=torch.long)
         for h in range(keys.shape[1]):
-            k[h], v[h], m = gaussian_merge(k[h], v[h], scores[h], kept[h], sets[h])
-            merged += m
-        ctx.trace.extra.setdefault("kv_merged", {})[layer] = merged
+            k[h], v[h], into[h] = gaussian_merge(k[h], v[h], scores[h], kept[h], sets[h])
+        ctx.trace.extra.setdefault("kv_merged", {})[layer] = int((into >= 0).sum())
+        ctx.trace.extra.setdefault("kv_merged_into", {})[layer] = into
         return gather_tokens(k[None].to(keys.dtype), kept), gather_tokens(v[None].to(values.dtype), kept), kept

@@ -171,6 +171,7 @@ class TrainedMoD(Method):
     family = "mod"
     knob = "ratio"
     needs_image = True
+    requires = ("mod",)
     ratio: float | None = None  # None: the trained schedule; a number: that ratio in every routed layer
 
     def validate(self, ctx) -> None:
@@ -197,4 +198,6 @@ class TrainedMoD(Method):
         top = img[score.topk(int(img.numel() * ratio)).indices]
         w = torch.ones(len(tokens), device=tokens.hidden.device)
         w[img] = routers.weight(score).to(w.dtype)
+        # layer -> (source index, router weight) of every live visual token: the explorer's heat map
+        ctx.trace.extra.setdefault("router_weights", {})[layer] = (tokens.source[img].cpu(), w[img].cpu())
         tokens.route(torch.cat([torch.nonzero(~tokens.is_image).flatten(), top]), weights=w)

@@ -786,6 +786,8 @@ class KIVI(Method):
 
     def after_prefill(self, ctx, cache) -> None:
         self._quantize(cache)
+        ctx.trace.extra["kv_quantized"] = {  # layer -> (oldest keys, oldest values) held quantized after prefill
+            i: (q.key_length, q.value_length) for i, q in enumerate(cache.quantized) if q is not None}
 
     def decode_step(self, ctx, step: int, cache) -> None:
         self._quantize(cache)
