@@ -128,6 +128,18 @@ class Context:
     _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin), keys) kept on demand
     _scores: dict = field(default_factory=dict)  # memoised score reductions, shared by forks of one prefill
     _rope: tuple | None = None  # (positions, rotary key, (cos, sin)) of the last layer run
+    _inputs: object = None  # the encoded sample (for the vision tower's states, on demand)
+
+    def vision_states(self, image: int):
+        """Image ``image`` in the vision tower's feature layer before the projector (CLS first), its
+        [CLS] attention and keys (``Adapter.vision_states``), computed once per run on demand."""
+        if "_vision_states" not in self.scratch:
+            self.scratch["_vision_states"] = self.adapter.vision_states(self._inputs)
+        return self.scratch["_vision_states"][image]
+
+    def project(self, states):
+        """The model's projector on tower states: visual tokens in the LLM's space."""
+        return self.adapter.project(states)
 
     def record_image_selection(self, image: int, kept: torch.Tensor, merged_into: torch.Tensor | None = None) -> None:
         self.trace.image_kept[image] = kept.detach().cpu()
@@ -321,6 +333,7 @@ def _prompt(bundle, inputs, methods, ctx: Context, stage_ms: dict) -> Tokens:
     t = time.perf_counter()
     feats = bundle.adapter.image_features(inputs)
     stage_ms["vision_ms"] = (time.perf_counter() - t) * 1e3
+    ctx._inputs = inputs
     ctx.trace.n_image_tokens_in = sum(f.shape[0] for f in feats)
     for m in methods:
         feats = _call_stage(ctx, m, "image_features", stage_ms, feats)

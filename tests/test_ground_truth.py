@@ -17,6 +17,7 @@ NOOP = {
     "random": {"keep_ratio": 1.0},
     "pool": {"keep_ratio": 1.0},
     "divprune": {"keep_ratio": 1.0},
+    "visionzip": {"keep_ratio": 1.0},
     "fastv": {"keep_ratio": 1.0},
     "pdrop": {"ratio": 1.0},
     "aim": {"keep_ratio": 1.0, "prune_from": 1.0, "prune_to": 2.0},

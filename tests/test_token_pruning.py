@@ -15,6 +15,7 @@ from mmlab.methods.token_pruning import (
     divprune_select,
     pagerank_importance,
     pool_shape,
+    visionzip_select,
 )
 
 get = mmlab.methods.get
@@ -226,3 +227,53 @@ def test_image_methods_refuse_text_only_models(name, smol):
 def test_pool_refuses_models_without_a_grid(random_bundles, test_samples):
     with pytest.raises(mmlab.MethodError, match="pool needs a 2-D visual-token grid"):
         mmlab.run(random_bundles["llava_next"], test_samples[0], [get("pool")])
+
+
+def _visionzip_official(cls_row, keys, dominant_num, contextual_num):
+    """A transcription of the official rule (dvlab-research/VisionZip, visionzip/clip_encoder.py) on one
+    image's sequence WITH its [CLS] token at 0: [CLS] + the top dominant_num - 1 patches by [CLS]
+    attention are dominant; the rest in sequence order give targets at a stride; every other token
+    joins its most cosine-similar target. Returns (dominant set, {target: members}) as sequence indices."""
+    n = cls_row.numel()  # patches
+    dom = [0] + (cls_row.topk(dominant_num - 1).indices + 1).tolist()
+    rest = [i for i in range(n + 1) if i not in dom]
+    step = max(1, len(rest) // contextual_num)
+    targets = [rest[j] for j in range(0, len(rest), step)][:contextual_num]
+    members = {t: [t] for t in targets}
+    normed = keys / keys.norm(dim=-1, keepdim=True)
+    for i in rest:
+        if i not in members:
+            sims = [float(normed[i] @ normed[t]) for t in targets]
+            members[targets[max(range(len(sims)), key=sims.__getitem__)]].append(i)
+    return set(dom), members
+
+
+def test_visionzip_matches_the_official_rule_on_fixed_inputs():
+    """Ours works on the patches only (LLaVA never projects [CLS]): ours(d - 1 dominant) is the official
+    rule's (d dominant, [CLS] among them) on every patch, target and merge."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, c = 48, 9, 4
+    cls_row, keys = torch.rand(n, generator=gen), torch.randn(n + 1, 8, generator=gen)
+    dom, members = _visionzip_official(cls_row, keys, d, c)
+    kept, slot = visionzip_select(cls_row, keys[1:], d - 1, c)
+    assert set((kept + 1).tolist()) == (dom - {0}) | set(members)
+    for t, group in members.items():
+        assert {i for i in range(n) if slot[i] == slot[t - 1]} == {g - 1 for g in group}
+    for i in dom - {0}:  # a dominant patch stands alone
+        assert (slot == slot[i - 1]).sum() == 1
+
+
+def test_visionzip_reads_the_towers_own_states(tiny, eager_tiny, test_samples):
+    """The tower's feature layer through the projector is the model's image features, bit for bit; the
+    [CLS] attention recomputed beside SDPA is eager attention's; at 11% the kept + merged tokens cover
+    every patch and the LLM sees 16 tokens."""
+    inp = tiny.encode(test_samples[0])
+    vs = tiny.adapter.vision_states(inp)[0]
+    assert torch.equal(tiny.adapter.project(vs.states[1:]), tiny.adapter.image_features(inp)[0])
+    with torch.no_grad():
+        out = eager_tiny.model.vision_tower(inp.pixel_values, output_attentions=True, output_hidden_states=True)
+    layer = len(out.hidden_states) + tiny.model.config.vision_feature_layer - 1
+    assert torch.allclose(vs.cls_attention, out.attentions[layer][0, :, 0, 1:].sum(0), atol=1e-5)
+    tr = mmlab.run(tiny, test_samples[0], [mmlab.methods.get("visionzip", keep_ratio=0.11)])
+    assert tr.image_tokens_per_layer()[0] == 16 and (tr.image_merged_into[0] >= 0).all()
+    assert torch.equal(tr.image_merged_into[0].unique(), torch.arange(16))

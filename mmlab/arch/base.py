@@ -58,6 +58,15 @@ def adapter_class(model_type: str, name: str | None = None) -> type["Adapter"]:
 
 
 @dataclass
+class VisionStates:
+    """One image in the vision tower's feature layer, before the projector (``Adapter.vision_states``)."""
+
+    states: torch.Tensor  # (1 + patches, d_vision): the [CLS] token first, then the patches in grid order
+    cls_attention: torch.Tensor  # (patches,): the [CLS] query's attention in that layer, summed over heads
+    keys: torch.Tensor  # (1 + patches, head_dim): that layer's keys, mean over heads
+
+
+@dataclass
 class Inputs:
     """One encoded sample, as the stock ``model(...)`` would take it."""
 
@@ -279,6 +288,15 @@ class Adapter:
 
     def image_grid(self, inputs: Inputs) -> tuple[int, int] | None:
         return None
+
+    def vision_states(self, inputs: Inputs) -> list[VisionStates]:
+        """Per image, the vision tower's states before the projector, for methods that select or merge
+        there (VisionZip); adapters of towers with a [CLS] token implement it."""
+        raise MethodError(f"the {self.name} adapter does not expose its vision tower's states "
+                          f"(needed by methods that work inside the tower, e.g. visionzip)")
+
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        raise MethodError(f"the {self.name} adapter does not expose its projector")
 
     def positions(self, inputs: Inputs) -> torch.Tensor:
         ids = inputs.input_ids

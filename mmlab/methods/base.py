@@ -20,6 +20,9 @@ Stages, in the order they are called:
     ``feats`` is a list with one ``(n_i, d)`` tensor of projected image features per
     image. Return the features to place in the prompt (fewer rows = pruned / merged).
     Record choices with ``ctx.record_image_selection(image, kept, merged_into=None)``.
+    A method that selects inside the vision tower reads ``ctx.vision_states(image)`` (the
+    tower's feature layer with [CLS], its [CLS] attention and keys, computed on demand; the
+    tower stays on SDPA) and projects what it keeps with ``ctx.project(states)``.
 ``before_layer(ctx, layer, tokens)``
     Called before every decoder layer of the prefill. ``tokens`` is the live sequence;
     ``tokens.keep(indices)`` physically drops the others from this layer on,
@@ -83,6 +86,10 @@ class RunContext(Protocol):
     def attention(self, layer: int, queries=None) -> torch.Tensor: ...  # softmax of attention_logits
 
     def attention_received(self, layer: int) -> torch.Tensor: ...  # (heads, k) summed over all queries, memoised
+
+    def vision_states(self, image: int) -> Any: ...  # the tower's feature layer before the projector (VisionZip)
+
+    def project(self, states: torch.Tensor) -> torch.Tensor: ...  # the projector: tower states -> visual tokens
 
 
 class LiveTokens(Protocol):

@@ -351,3 +351,70 @@ class AIM(VisualTokenMethod):
             return
         top = img[pagerank_importance(ctx.attention_logits(layer - 1), self.tau, self.iters)[img].topk(n_keep).indices]
         tokens.keep(torch.cat([torch.nonzero(~tokens.is_image).flatten(), top]))
+
+
+def visionzip_select(cls_attention: torch.Tensor, keys: torch.Tensor, n_dominant: int, n_contextual: int):
+    """VisionZip's choice on one image's patches (official dvlab-research/VisionZip,
+    ``visionzip/clip_encoder.py``): the ``n_dominant`` patches of largest [CLS] attention; the rest,
+    in sequence order, give ``n_contextual`` targets at the stride ``max(1, rest // n_contextual)``
+    and every other remaining patch joins the target of highest cosine similarity of keys.
+    ``cls_attention`` (n,), ``keys`` (n, d) of the patches. Returns the kept patches (sorted) and,
+    per patch, the slot of the kept patch it is represented by."""
+    n = cls_attention.numel()
+    dominant = cls_attention.topk(n_dominant).indices
+    rest_mask = torch.ones(n, dtype=torch.bool, device=keys.device)
+    rest_mask[dominant] = False
+    rest = torch.nonzero(rest_mask).flatten()
+    step = max(1, rest.numel() // max(1, n_contextual))
+    targets = rest[torch.arange(0, rest.numel(), step, device=keys.device)[:n_contextual]]
+    kept = torch.cat([dominant, targets]).sort().values
+    slot = torch.full((n,), -1, dtype=torch.long, device=keys.device)
+    slot[kept] = torch.arange(kept.numel(), device=keys.device)
+    others = rest[~torch.isin(rest, targets)]
+    if others.numel() and targets.numel():
+        normed = F.normalize(keys.float(), dim=-1)
+        best = (normed[others] @ normed[targets].T).argmax(-1)  # (others,) index into targets
+        slot[others] = slot[targets[best]]
+    return kept, slot
+
+
+@register
+@dataclass
+class VisionZip(VisualTokenMethod):
+    """VisionZip (Yang et al., CVPR 2025): a few dominant tokens carry the image; merge the rest.
+
+    Rule, inside the vision tower's feature layer (before the projector): keep the tokens the
+    [CLS] query attends to most (summed over heads) as dominant, split the remaining ones into
+    contextual targets at a uniform stride and merge every other token into its most similar
+    target (cosine of the layer's keys, mean over heads) by averaging; project both sets. Paper
+    default 54 dominant + 10 contextual of 576 = ``keep_ratio`` 64/576, ``contextual_share`` 10/64.
+    """
+
+    name: ClassVar[str] = "visionzip"
+    keep_ratio: float = 64 / 576
+    contextual_share: float = 10 / 64
+
+    def check(self) -> None:
+        super().check()
+        if not (isinstance(self.contextual_share, (int, float)) and 0 <= self.contextual_share < 1):
+            raise MethodError(f"visionzip: contextual_share (the merged tokens' share of the kept ones) must be in "
+                              f"[0, 1), got {self.contextual_share!r}")
+
+    def image_features(self, ctx, feats):
+        out = []
+        for i, f in enumerate(feats):
+            n, k = f.shape[0], keep_count(f.shape[0], self.keep_ratio)
+            if k >= n:  # keep everything: the features as they are
+                out.append(f)
+                continue
+            vs = ctx.vision_states(i)
+            states, cls, keys = vs.states[1:], vs.cls_attention, vs.keys[1:]  # the patches ([CLS] is not projected)
+            n_ctx = min(round(k * self.contextual_share), k - 1)
+            kept, slot = visionzip_select(cls, keys, k - n_ctx, n_ctx)
+            into = slot >= 0  # every patch but the dropped ones (none unless contextual_share is 0)
+            merged = torch.zeros(kept.numel(), states.shape[1], dtype=torch.float32, device=states.device)
+            merged.index_add_(0, slot[into], states[into].float())
+            merged /= torch.bincount(slot[into], minlength=kept.numel()).clamp(min=1)[:, None]
+            ctx.record_image_selection(i, kept, merged_into=slot)
+            out.append(ctx.project(merged.to(states.dtype)).to(f.dtype))
+        return out
