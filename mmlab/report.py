@@ -608,8 +608,8 @@ def write_tables(runs_root: str | Path = "runs", out: str | Path = RESULTS, forc
             continue
         runs = df.drop_duplicates("run_id")
         failed = int((runs.status != "ok").sum()) if "status" in runs else 0
-        if not failed:
-            df = df.drop(columns=["error"], errors="ignore")
+        if "error" in df and df.error.isna().all():  # a failed run or grid point keeps its error in its row
+            df = df.drop(columns=["error"])
         if "task" in df:
             df = df[~df.task.isin(DRAWING_TASKS)].dropna(axis=1, how="all")
         cells = df.astype(object).where(df.notna(), None)  # a missing value is a blank cell, not "nan"
