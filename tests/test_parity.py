@@ -17,6 +17,12 @@ def _cache(n: int, layers: int = 1, heads: int = 2, dim: int = 32) -> KVCache:
     return c
 
 
+def _ctx():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(trace=SimpleNamespace(extra={}))  # KIVI records its quantized lengths there
+
+
 def _full_precision(c: KVCache) -> tuple[int, int]:
     return c.keys[0].shape[-2], c.values[0].shape[-2]
 
@@ -27,8 +33,9 @@ def test_kivi_full_precision_windows_match_the_official_rule():
     them when n <= R). R = residual_length = 128, G = group_size = 32."""
     kivi = get("kivi", bits=2, group_size=32, residual=128)
     for n, expected in {128: (0, 128), 200: (72, 128), 768: (0, 128), 100: (100, 100), 129: (1, 128)}.items():
-        c = _cache(n)
-        kivi.after_prefill(None, c)
+        c, ctx = _cache(n), _ctx()
+        kivi.after_prefill(ctx, c)
+        assert ctx.trace.extra["kv_quantized"].get(0, (0, 0)) == (n - expected[0], n - expected[1])
         assert _full_precision(c) == expected, n
         q = c.quantized[0]
         assert ((q.key_length, q.value_length) if q else (0, 0)) == (n - expected[0], n - expected[1])
@@ -41,7 +48,7 @@ def test_kivi_decode_schedule_matches_the_official_rule():
     R are held the oldest one is quantized (one token at a time). Checked over 140 steps from n = 200."""
     kivi, r = get("kivi", bits=4, group_size=32, residual=128), 128
     c = _cache(200)
-    kivi.after_prefill(None, c)
+    kivi.after_prefill(_ctx(), c)
     n_k, n_v = _full_precision(c)
     for step in range(140):
         kivi.decode_step(None, step, c)  # before the token: the cache holds what earlier steps left

@@ -13,7 +13,7 @@ PROMPT = ("Alice keeps the spare key under the blue flower pot, and Bob keeps hi
           "Where does Alice keep the spare key?")
 LISTS = [[], [get("h2o", budget=0.5)], [get("snapkv", budget=0.5, window=8)], [get("streamingllm", budget=0.4)],
          [get("lookm", budget=0.3, merge="pivotal")], [get("kvmerger", budget=0.5)],
-         [get("h2o", budget=0.5), get("kivi", bits=4, residual=8)], [get("snapkv", budget=4)]]
+         [get("h2o", budget=0.5), get("kivi", bits=4, residual=8)], [get("snapkv", budget=0.1)]]  # refused at run time
 
 
 def _same(shared, alone):

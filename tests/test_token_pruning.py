@@ -208,7 +208,7 @@ def test_multi_image_selection_per_image(tiny):
     ("aim", {"keep_ratio": 0.0}, r"keep_ratio must be in \(0, 1\]"),
     ("pdrop", {"ratio": 2}, r"ratio must be in \(0, 1\]"),
     ("fastv", {"layer": 4}, r"layer must be an integer in 1..3 .*got 4"),
-    ("fastv", {"layer": 0}, r"layer must be an integer in 1..3"),
+    ("fastv", {"layer": 0}, r"layer must be an integer >= 1"),
     ("pdrop", {"layers": (0.5, 1.2)}, r"fractions of depth in \(0, 1\)"),
     ("aim", {"prune_from": 0.8, "prune_to": 0.5}, r"prune_to > prune_from"),
     ("aim", {"tau": 0}, r"tau must be > 0"),
