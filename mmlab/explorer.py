@@ -20,6 +20,7 @@ noisy when their spread is large. An error shows as one line in the widget and c
 from __future__ import annotations
 
 import statistics
+from html import escape
 
 import numpy as np
 
@@ -120,13 +121,15 @@ class Explorer:
         rows = []
         for label, sp in specs.items():
             tr, t = self.trace(index, sp, layer), self.timing(index, sp)
-            ms = f"{t['prefill_ms']:.1f}" + (" (noisy)" if t["noisy"] else "")
-            rows.append(f"<tr><td>{label}</td><td>{sp}</td><td class='mmlab-answer-{label}'>{tr.answer}</td>"
+            note = " (one warm run)" if self.repeats < 2 else " (noisy)" if t["noisy"] else ""
+            ms = f"{t['prefill_ms']:.1f}{note}"
+            rows.append(f"<tr><td>{label}</td><td>{escape(sp)}</td><td class='mmlab-answer-{label}'>{escape(tr.answer)}"
+                        f"</td>"
                         f"<td>{tr.flops['prefill'] / 1e9:.3f}</td><td>{tr.kv_bytes / 1024:.1f}</td><td>{ms}</td></tr>")
         question = getattr(s, "question", None) or getattr(s, "qtype", "")
         truth = getattr(s, "answer", "")
-        return (f"<div><b>Q:</b> {question} &nbsp; <b>truth:</b> {truth} &nbsp; "
-                f"<b class='mmlab-answer'>A: {self.trace(index, specs['A'], layer).answer}</b></div>"
+        return (f"<div><b>Q:</b> {escape(str(question))} &nbsp; <b>truth:</b> {escape(str(truth))} &nbsp; "
+                f"<b class='mmlab-answer'>A: {escape(self.trace(index, specs['A'], layer).answer)}</b></div>"
                 "<table><tr><th>run</th><th>methods</th><th>answer</th><th>prefill GFLOPs</th><th>KV KiB</th>"
                 "<th>prefill ms (warm median)</th></tr>" + "".join(rows) + "</table>")
 
@@ -377,7 +380,8 @@ class _Widgets:
         except Exception as e:  # one visible line; nothing stale stays under the new selection
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             label = "" if isinstance(e, MethodError) else f"{type(e).__name__}: "
-            self.error.value = f"<span class='mmlab-error-text' style='color:#b00020'>error: {label}{first}</span>"
+            self.error.value = (f"<span class='mmlab-error-text' style='color:#b00020'>error: "
+                                f"{escape(label + first)}</span>")
             self.info.value = ""
             self.out.clear_output()
             return
