@@ -73,13 +73,14 @@ def _click_menu(driver, wait, menu: str, item: str):
 def test_explorer_renders_and_reacts(lab, tmp_path):
     """Run the notebook: four explorers render (tiny-llava, SmolLM2 KV, multi-image KV, trained MoD);
     switching the method changes the view and its controls; a bad parameter shows one red line."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     driver = _browser()
     try:
-        wait = WebDriverWait(driver, 300)
+        wait = WebDriverWait(driver, 300, ignored_exceptions=[StaleElementReferenceException])
         driver.get(lab)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook-ExecutionIndicator[data-status='idle']")
@@ -90,8 +91,13 @@ def test_explorer_renders_and_reacts(lab, tmp_path):
         first = driver.find_elements(By.CSS_SELECTOR, ".mmlab-explorer")[0]
 
         def img_src(d):
-            imgs = first.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")
-            return imgs[0].get_attribute("src") if imgs else None
+            for _ in range(20):  # the output image is replaced while we read it: read again
+                try:
+                    imgs = first.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")
+                    return imgs[0].get_attribute("src") if imgs else None
+                except StaleElementReferenceException:
+                    time.sleep(0.1)
+            raise AssertionError("the explorer's output image never settled")
 
         def select(i):
             return Select(first.find_elements(By.CSS_SELECTOR, "select")[i])
