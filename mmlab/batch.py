@@ -352,12 +352,16 @@ def _tasks(sweep: Sweep) -> list[_Task]:
     return out
 
 
-def _failed(task: _Task, commit: str, error: str) -> dict:
+def _record_failure(out_dir: Path, rid: str, sweep: str, params: dict, commit: str, error: str) -> dict:
     """The runner itself failed for this run (not the notebook): record it, keep going."""
-    res = {"run_id": task.rid, "sweep": task.sweep.name, "status": "failed", "parameters": task.params,
-           "metrics": {}, "error": error, "git_commit": commit, "seconds": 0.0}
-    _write_json(task.sweep.output / f"{task.rid}.json", res)
+    res = {"run_id": rid, "sweep": sweep, "status": "failed", "parameters": params, "metrics": {}, "error": error,
+           "git_commit": commit, "seconds": 0.0}
+    _write_json(out_dir / f"{rid}.json", res)
     return res
+
+
+def _failed(task: _Task, commit: str, error: str) -> dict:
+    return _record_failure(task.sweep.output, task.rid, task.sweep.name, task.params, commit, error)
 
 
 def _run_task(task: _Task, commit: str, cores: _Cores) -> dict:
@@ -408,11 +412,8 @@ def _remote_run(job: dict) -> dict:
             return execute_run(copy, Path(job["output"]), job["rid"], job["params"], job["timeout"], job["commit"],
                                job["sweep"], threads, cwd=cwd, label=job["notebook"])
         except Exception as e:
-            res = {"run_id": job["rid"], "sweep": job["sweep"], "status": "failed", "parameters": job["params"],
-                   "metrics": {}, "error": f"worker: {type(e).__name__}: {e}", "git_commit": job["commit"],
-                   "seconds": 0.0}
-            _write_json(Path(job["output"]) / f"{job['rid']}.json", res)
-            return res
+            return _record_failure(Path(job["output"]), job["rid"], job["sweep"], job["params"], job["commit"],
+                                   f"worker: {type(e).__name__}: {e}")
 
 
 class _ClusterPool:

@@ -15,6 +15,7 @@ one run at a time.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections import defaultdict
@@ -77,9 +78,10 @@ class DaskPool:
 
     def check(self, resources: dict) -> None:
         """Every resource a sweep asks for is offered by some worker (else its runs would wait forever)."""
-        if not self.client.scheduler_info()["workers"]:
+        workers = self.client.scheduler_info()["workers"]
+        if not workers:
             raise ClusterError("the Dask scheduler has no workers; start them with `dask worker ADDRESS`")
-        offered = [info.get("resources", {}) for info in self.client.scheduler_info()["workers"].values()]
+        offered = [info.get("resources", {}) for info in workers.values()]
         for name, amount in resources.items():
             if not any(o.get(name, 0) >= amount for o in offered):
                 raise ClusterError(f"no worker offers resource {name}={amount}; start workers with "
@@ -116,8 +118,5 @@ def announce(job: dict) -> int | None:
 
 
 def _has_dashboard() -> bool:
-    try:
-        import bokeh  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """The dashboard needs bokeh (the ``cluster`` extra installs it)."""
+    return importlib.util.find_spec("bokeh") is not None

@@ -167,7 +167,7 @@ class Explorer:
         a, b = self.trace(index, spec_a, layer), self.trace(index, spec_b, layer)
         img = self._image(index)
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-        routed = viz.routed_grid(a, layer)
+        routed = viz.token_status(a, layer)  # 1: processed by this layer, 0: skipped (rode the residual)
         viz.draw_status(img, routed, a.image_grid, axes[0], f"A, layer {layer}: {int(routed.sum())} routed",
                         present="routed", absent="skipped")
         viz.draw_router_weights(a, img, layer, axes[1])
@@ -225,8 +225,7 @@ class Explorer:
         runs = {label: sp for label, sp in (("A", spec_a), ("B", spec_b)) if self.modules(sp, layer)}
         qws = {label: quantized_weights(self.bundle, next(m for m in as_methods(sp) if m.quantizes_weights))
                for label, sp in runs.items()}
-        full = {n: n for n in qws["A"].weights if n.endswith(f"layers.{layer}.{module}")}
-        name = next(iter(full))
+        name = next(n for n in qws["A"].weights if n.endswith(f"layers.{layer}.{module}"))
         w = dict(self.bundle.model.named_modules())[name].weight.detach()
         fig, axes = plt.subplots(1, 2 + len(qws), figsize=(4 * (2 + len(qws)), 3.6))
         for label, qw in qws.items():

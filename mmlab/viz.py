@@ -11,7 +11,7 @@
 - ``plot_tokens_per_layer``: per-layer token counts of several traces.
 - ``kv_status`` / ``kv_html`` / ``draw_kv_scores`` / ``plot_kv_per_layer``: what a KV method did to each
   prompt token (kept, evicted, merged into which, quantized), per layer and KV head.
-- ``routed_grid`` / ``draw_router_weights``: Mixture-of-Depths routing on the image grid.
+- ``draw_router_weights``: the trained Mixture-of-Depths routers' weights on the image grid.
 - ``group_error_map`` / ``output_errors``: a quantized linear's error per group and on a sample.
 The explorer of ``notebooks/05_explorer.ipynb`` is ``mmlab.explorer``.
 """
@@ -387,13 +387,6 @@ def plot_kv_per_layer(traces: dict[str, Trace], ax=None):
 
 
 # --- Mixture-of-Depths: routed tokens and router weights ---------------------------------------------
-def routed_grid(trace: Trace, layer: int, image: int = 0) -> np.ndarray:
-    """Per visual token of ``image`` (grid order): 1 = processed by ``layer``, 0 = skipped (rode the residual)."""
-    src = _image_positions(trace, image)
-    present = np.isin(src.numpy(), trace.layer_tokens[layer].numpy())
-    return present.astype(float)
-
-
 def draw_router_weights(trace: Trace, image, layer: int, ax=None, image_index: int = 0):
     """The trained router's weight of every live visual token in ``layer`` on the image grid."""
     import matplotlib.pyplot as plt

@@ -165,7 +165,8 @@ class Method:
     prefill_attention: ClassVar[bool] = False  # True: ctx.attention(any layer) works in after_prefill
     quantizes_weights: ClassVar[bool] = False  # True: has quantize_weights, run once by the weight swap
     quantizes_cache: ClassVar[bool] = False  # True: writes cache.quantized (must come last among KV methods)
-    requires: ClassVar[tuple[str, ...]] = ()  # what the checkpoint must carry besides weights (``ctx.extras`` keys)
+    # what the checkpoint must carry besides weights: ``ctx.extras`` key -> (what it is, how to get it)
+    requires: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def __post_init__(self) -> None:
         self.check()
@@ -178,6 +179,9 @@ class Method:
         """Check the parameters against the model (depth, modality) before a run; raise MethodError.
         Weight methods are validated with ``ctx=None`` before calibration."""
         self.check()  # a field may have been changed since construction
+        for key, (what, hint) in self.requires.items():
+            if ctx is not None and key not in ctx.extras:
+                raise MethodError(f"{self.name} routes with {what} and {ctx.model_name!r} has none; {hint}")
         if self.needs_image and not ctx.has_image:
             raise MethodError(f"{self.name} prunes visual tokens but this input has no image "
                               f"(model {ctx.model_name!r}); use it with a multimodal model and an image sample")

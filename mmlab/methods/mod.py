@@ -171,14 +171,9 @@ class TrainedMoD(Method):
     family = "mod"
     knob = "ratio"
     needs_image = True
-    requires = ("mod",)
+    requires = {"mod": ("a model's trained routers",
+                        "load tiny-llava-pmod or tiny-llava-gmod (mmlab train-tiny --mod pmod|gmod)")}
     ratio: float | None = None  # None: the trained schedule; a number: that ratio in every routed layer
-
-    def validate(self, ctx) -> None:
-        if "mod" not in ctx.extras:
-            raise MethodError(f"mod_trained routes with a model's trained routers and {ctx.model_name!r} has none; "
-                              f"load tiny-llava-pmod or tiny-llava-gmod (mmlab train-tiny --mod pmod|gmod)")
-        super().validate(ctx)
 
     def check(self) -> None:
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0 <= self.ratio <= 1):
