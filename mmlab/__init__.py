@@ -16,7 +16,7 @@ own layer's package base); imports point one way and never in a circle
     methods.base              the typed stage interface, registry (torch only)
     methods.*                 one file per family                 (methods.base + torch only)
     flops, trace              a run's FLOPs, and what it did
-    arch                      one adapter per architecture family (registry by model_type)
+    arch                      one adapter per architecture family (registry by model_type; the embedded VLMs by name)
     models                    load(name) -> Bundle (model + tokenizer + adapter)
     engine                    prefill / decode loop and its stages (methods only through base)
     quantize                  weight methods and activation quantizers (both calibrated once per
@@ -28,7 +28,7 @@ own layer's package base); imports point one way and never in a circle
     bench                     lmms-eval / lm-eval models over the engine, answer costs, mmlab's lmms-eval tasks
                               (imports its harness only when used; ``import mmlab`` never does)
     report, batch, testing    report figures / tables from collected sweeps, sweeps, tiny random models
-    tiny                      embedded-model training
+    tiny                      embedded-model training (tiny-llava from scratch; smol-llava around the real SmolLM2)
     cli                       the command line
 """
 

@@ -36,6 +36,11 @@ def cmd_info(args) -> int:
     mod = [f"{n} (" + ("trained" if (CHECKPOINT_DIR / n / "routers.pt").exists()
                        else f"not trained: mmlab train-tiny --mod {n.rsplit('-', 1)[1]}") + ")" for n in TINY_VARIANTS]
     print(f"tiny-llava with trained MoD routers (method mod_trained): {', '.join(mod)}")
+    for name in EMBEDDED:  # a checkpoint whose training is not finished says so
+        info = CHECKPOINT_DIR / name / "training.json"
+        status = json.loads(info.read_text()).get("status") if info.exists() else None
+        if status:
+            print(f"{name}: experimental, {status}")
     print(f"methods: {', '.join(mmlab.methods.available())}")
     if args.model:
         b = mmlab.load(args.model)
@@ -48,13 +53,27 @@ def cmd_train_tiny(args) -> int:
     from mmlab.arch.tiny_llava import CHECKPOINT_DIR
     from mmlab.tiny.train import train
 
+    steps = {} if args.steps is None else {"steps": args.steps}
+    if args.mod and args.model != "tiny-llava":
+        raise ValueError(f"--mod fine-tunes tiny-llava; it does not combine with --model {args.model}")
+    if args.model == "smol-llava":
+        from mmlab.models import smollm2_dir
+        from mmlab.tiny.smol import train as train_smol
+
+        train_smol(smollm2_dir(), **steps, seed=args.seed, out=args.out or CHECKPOINT_DIR / "smol-llava")
+        return 0
+    if args.model == "tiny-llava-deep":  # 12 LLM layers from scratch, a system turn, tiny-llava's tower to start
+        from mmlab.tiny.model import SYSTEM
+
+        train(**{"steps": 3000, **steps}, batch_size=args.batch_size, lr=args.lr, seed=args.seed, text_layers=12,
+              system=SYSTEM, vision_from=CHECKPOINT_DIR / "tiny-llava", out=args.out or CHECKPOINT_DIR / args.model)
+        return 0
     if args.mod:  # fine-tune the shipped tiny-llava with MoD routing (p-MoD or gamma-MoD)
         from mmlab.tiny.mod import train_mod
 
-        train_mod(args.mod, steps=args.steps if args.steps != 4000 else 1500, batch_size=args.batch_size,
-                  seed=args.seed, out=args.out)
+        train_mod(args.mod, **steps, batch_size=args.batch_size, seed=args.seed, out=args.out)
         return 0
-    train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, vision_steps=args.vision_steps, seed=args.seed,
+    train(**steps, batch_size=args.batch_size, lr=args.lr, vision_steps=args.vision_steps, seed=args.seed,
           out=args.out or CHECKPOINT_DIR / "tiny-llava")
     return 0
 
@@ -198,8 +217,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="also load this model and print its dimensions")
     p.set_defaults(fn=cmd_info)
 
-    p = sub.add_parser("train-tiny", help="train tiny-llava on the synthetic shapes data (CPU, minutes)")
-    p.add_argument("--steps", type=int, default=4000, help="stage-2 (VQA) steps")
+    p = sub.add_parser("train-tiny", help="train an embedded VLM on the synthetic shapes data (CPU)")
+    p.add_argument("--model", choices=["tiny-llava", "tiny-llava-deep", "smol-llava"], default="tiny-llava",
+                   help="tiny-llava (from scratch, about 18 min on 2 cores); tiny-llava-deep (12 LLM layers from "
+                        "scratch + a system turn, tiny-llava's tower to start, about 45 min); smol-llava "
+                        "(experimental: the real SmolLM2 frozen, tower / projector / low-rank deltas trained, "
+                        "resumable)")
+    p.add_argument("--steps", type=int, help="tiny-llava: stage-2 (VQA) steps (4000); tiny-llava-deep: 3000; "
+                                             "--mod: 1500; smol-llava: steps of 4 scenes (1000)")
     p.add_argument("--vision-steps", type=int, default=1500, help="stage-1 (vision tower + patch probe) steps")
     p.add_argument("--batch-size", type=int, default=32,
                    help="about this many sequences per stage-2 step (up to 4 questions per image)")
@@ -209,7 +234,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mod", choices=["pmod", "gmod"],
                    help="instead: fine-tune tiny-llava with Mixture-of-Depths routing -> tiny-llava-pmod / -gmod "
                         "(p-MoD: PRD schedule, per-layer routers; gamma-MoD: ARank-chosen layers, shared router); "
-                        "--steps defaults to 1500 here (about 4 minutes on 2 cores)")
+                        "(about 4 minutes on 2 cores)")
     p.set_defaults(fn=cmd_train_tiny)
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")

@@ -1,8 +1,8 @@
 """tiny-llava, mmlab's embedded VLM: a stock ``LlavaForConditionalGeneration`` with a word-level
 tokenizer and no processor. Its prompt is LLaVA-1.5's order written out
-(``<s> user : <image> x 144 ... question assistant :``), images are resized to 96 px and scaled
-to [-1, 1], and calibration uses training-split shapes questions. Selected by name (its config
-says ``llava``), never by model_type."""
+(``<s> user : <image> x 144 ... question assistant :``; ``tiny-llava-deep`` opens with the system
+turn its config names), images are resized to 96 px and scaled to [-1, 1], and calibration uses
+training-split shapes questions. Selected by name (its config says ``llava``), never by model_type."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ from mmlab.methods.base import MethodError
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "tiny" / "checkpoints"
 
 
-def prompt_text(question: str, n_image_tokens: int | list[int]) -> str:
-    """The chat template the tiny model is trained with (image tokens already expanded):
-    LLaVA-1.5's order, image(s) first, then the question. ``n_image_tokens`` may be a
-    list (several images, one placeholder run each)."""
+def prompt_text(question: str, n_image_tokens: int | list[int], system: str | None = None) -> str:
+    """The chat template the tiny models are trained with (image tokens already expanded):
+    LLaVA-1.5's order, image(s) first, then the question, after a system turn where the model has
+    one (``tiny-llava-deep``). ``n_image_tokens`` may be a list (several images, one placeholder run each)."""
     runs = n_image_tokens if isinstance(n_image_tokens, list) else [n_image_tokens]
-    return "<s> user : " + "".join("<image> " * n for n in runs) + f"{question} assistant :"
+    head = f"<s> system : {system} user : " if system else "<s> user : "
+    return head + "".join("<image> " * n for n in runs) + f"{question} assistant :"
 
 
 def pixel_values(images) -> torch.Tensor:
@@ -46,7 +47,8 @@ class TinyLlava(Llava):
         images, text = images_and_text(sample)
         if not images:
             raise MethodError("tiny-llava answers questions about an image; give it an image sample")
-        prompt = prompt_text(text, [self.model.config.image_seq_length] * len(images))
+        prompt = prompt_text(text, [self.model.config.image_seq_length] * len(images),
+                             getattr(self.model.config, "mmlab_system_prompt", None))
         ids = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
         return Inputs(ids, pixel_values(images), images=images,
                       context_len=self.question_start(prompt, ids, sample, add_special_tokens=False))

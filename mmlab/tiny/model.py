@@ -24,10 +24,15 @@ from mmlab.data.shapes import IMAGE_SIZE, vocabulary
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "user", "assistant", ":"]
 PATCH = 8
+# tiny-llava-deep's system turn (24 words): text every prompt carries before the image, as a real chat model's
+SYSTEM = ("you are a careful visual assistant . look at the image and answer the question about its coloured "
+          "shapes with one word .")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(SPECIAL + vocabulary())}
+def build_tokenizer(system: str | None = None) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer over the shapes vocabulary (+ ``system`` and the words of ``system``)."""
+    extra = sorted(set(system.split()) - set(vocabulary()) - set(SPECIAL)) if system else []
+    vocab = {w: i for i, w in enumerate(SPECIAL + vocabulary() + (["system"] + extra if system else []))}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -36,7 +41,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 4, hidden: int = 128) -> LlavaConfig:
+def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 4, hidden: int = 128,
+                 system: str | None = None) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH, num_channels=3,
@@ -52,6 +58,7 @@ def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 4, hi
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2,
         image_seq_length=(IMAGE_SIZE // PATCH) ** 2, tie_word_embeddings=False,
+        **({"mmlab_system_prompt": system} if system else {}),
     )
     cfg._attn_implementation = "sdpa"
     return cfg

@@ -22,11 +22,11 @@ from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, make_sample, patch_lab
 from mmlab.tiny.model import PATCH, build_model, build_tokenizer
 
 
-def encode_qa(tokenizer, pairs, n_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_qa(tokenizer, pairs, n_image_tokens: int, system: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(question, answer) pairs -> input ids and labels (loss on the answer + ``</s>`` only)."""
     ids, labels = [], []
     for q, a in pairs:
-        p = tokenizer(prompt_text(q, n_image_tokens), add_special_tokens=False).input_ids
+        p = tokenizer(prompt_text(q, n_image_tokens, system), add_special_tokens=False).input_ids
         t = tokenizer(f"{a} </s>", add_special_tokens=False).input_ids
         ids.append(p + t)
         labels.append([-100] * len(p) + t)
@@ -37,7 +37,7 @@ def encode_qa(tokenizer, pairs, n_image_tokens: int) -> tuple[torch.Tensor, torc
     return torch.tensor(ids), torch.tensor(labels)
 
 
-def make_batch(tokenizer, indices, seed: int, n_image_tokens: int):
+def make_batch(tokenizer, indices, seed: int, n_image_tokens: int, system: str | None = None):
     """One sequence per (image, question) for every question type each scene can host.
 
     The vision tower runs once per image (``image_index`` maps sequences to images), so
@@ -46,7 +46,7 @@ def make_batch(tokenizer, indices, seed: int, n_image_tokens: int):
     scenes = [scene_with_questions(i, seed, "train") for i in indices]
     pairs = [(q, a) for _, _, qas in scenes for q, a, _ in qas]
     image_index = [k for k, (_, _, qas) in enumerate(scenes) for _ in qas]
-    ids, labels = encode_qa(tokenizer, pairs, n_image_tokens)
+    ids, labels = encode_qa(tokenizer, pairs, n_image_tokens, system)
     return (ids, labels, pixel_values([im for im, _, _ in scenes]), [o for _, o, _ in scenes],
             torch.tensor(image_index))
 
@@ -96,7 +96,8 @@ def quick_accuracy(model, tokenizer, n: int = 256, seed: int = 0) -> dict[str, f
     was_training = model.training
     model.eval()
     samples = [make_sample(i, seed, "val") for i in range(n)]
-    ids, labels = encode_qa(tokenizer, [(s.question, s.answer) for s in samples], model.config.image_seq_length)
+    ids, labels = encode_qa(tokenizer, [(s.question, s.answer) for s in samples], model.config.image_seq_length,
+                            getattr(model.config, "mmlab_system_prompt", None))
     logits = model(input_ids=ids, pixel_values=pixel_values([s.image for s in samples])).logits
     pos = (labels != -100).float().argmax(1)  # first scored position = the answer word
     pred = logits[torch.arange(n), pos - 1].argmax(-1)
@@ -137,11 +138,23 @@ def pretrain_vision(model, probe, steps: int, images_per_step: int, lr: float, s
 def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_steps: int = 1500,
           vision_lr: float = 1e-3, seed: int = 0, out: Path | str = CHECKPOINT_DIR / "tiny-llava",
           threads: int | None = None, log_every: int = 100, eval_every: int = 250,
-          aux_weight: float = 1.0) -> Path:
+          aux_weight: float = 1.0, text_layers: int = 4, system: str | None = None,
+          vision_from: Path | str | None = None, weights_from: Path | str | None = None) -> Path:
+    """tiny-llava's recipe. ``text_layers`` / ``system``: a deeper LLM with a system turn
+    (``tiny-llava-deep``); ``vision_from``: start the tower and projector from that checkpoint's
+    (stage 1 is then skipped); ``weights_from``: start every weight from that checkpoint (a second
+    schedule on a trained model)."""
     if threads:
         torch.set_num_threads(threads)
-    tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=seed).train()
+    tokenizer = build_tokenizer(system)
+    model = build_model(tokenizer, seed=seed, text_layers=text_layers, system=system).train()
+    if vision_from or weights_from:
+        from safetensors.torch import load_file
+
+        src = load_file(Path(weights_from or vision_from) / "model.safetensors")
+        own = ("model.vision_tower.", "model.multi_modal_projector.") if not weights_from else ("",)
+        model.load_state_dict({k: v for k, v in src.items() if k.startswith(own)}, strict=bool(weights_from))
+        vision_steps = 0
     n_img = model.config.image_seq_length
     probe = PatchProbe(model.config.text_config.hidden_size)
     t0 = time.time()
@@ -156,7 +169,8 @@ def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_step
     bar = tqdm(range(steps), desc="train-tiny (stage 2: VQA)", mininterval=5)
     for step in bar:
         n = max(1, batch_size // 4)  # images per step: each brings up to four questions
-        ids, labels, px, scenes, image_index = make_batch(tokenizer, range(step * n, (step + 1) * n), seed, n_img)
+        ids, labels, px, scenes, image_index = make_batch(tokenizer, range(step * n, (step + 1) * n), seed, n_img,
+                                                          system)
         lm_loss, aux = forward_loss(model, probe, ids, labels, px, scenes, aux_weight, image_index)
         loss = lm_loss + aux_weight * aux
         opt.zero_grad(set_to_none=True)

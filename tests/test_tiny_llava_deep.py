@@ -1,0 +1,54 @@
+"""tiny-llava-deep, the from-scratch fallback of the realistic sandbox VLM: 12 LLM layers, a 24-word
+system turn before the image, 144 visual tokens. It loads, equals stock transformers, and its recipe runs."""
+
+import pytest
+import torch
+
+import mmlab
+from mmlab.tiny.model import SYSTEM
+
+
+@pytest.fixture(scope="module")
+def deep():
+    return mmlab.load("tiny-llava-deep")
+
+
+def test_shape_of_the_model_and_its_prompt(deep):
+    assert deep.n_layers == 12 and deep.model.config.image_seq_length == 144
+    ids = deep.encode(mmlab.data.shapes(n=1)[0]).input_ids[0]
+    first_image = (ids == deep.image_token_id).nonzero()[0].item()
+    assert first_image >= 20 + 3  # <s> system : + the system turn's words, before the image
+    assert deep.tokenizer.decode(ids[: first_image]).startswith(f"<s> system : {SYSTEM} user :")
+
+
+def test_engine_matches_transformers(deep, test_samples):
+    for s in test_samples[:4]:
+        tr = mmlab.run(deep, s)
+        diff = (tr.logits - deep.reference_logits(s)).abs().max().item()
+        assert diff <= 1e-4, f"max |logit diff| {diff:.2e}"
+        assert tr.answer == deep.reference_generate(s)
+
+
+@pytest.mark.slow
+def test_the_shipped_checkpoint_is_trained_and_uses_its_image(deep):
+    """Above chance (36% over the four types) and hurt by random pruning to 10%. The issue's bars
+    (>= 85%, pruning costs >= 15 points) are not met yet: README, "The realistic sandbox VLM"."""
+    samples = mmlab.data.shapes(n=100, seed=0, split="test")
+    dense = mmlab.evaluate(deep, samples, progress=False).accuracy
+    pruned = mmlab.evaluate(deep, samples, "random(keep_ratio=0.1)", progress=False).accuracy
+    assert dense >= 0.6 and dense - pruned >= 0.05, (dense, pruned)
+
+
+def test_training_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR
+    from mmlab.tiny.train import train
+
+    out = train(steps=3, batch_size=8, text_layers=12, system=SYSTEM, vision_from=CHECKPOINT_DIR / "tiny-llava",
+                out=tmp_path / "deep", eval_every=0)
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert model.config.text_config.num_hidden_layers == 12 and model.config.mmlab_system_prompt == SYSTEM
+    shipped = LlavaForConditionalGeneration.from_pretrained(CHECKPOINT_DIR / "tiny-llava")
+    assert not torch.equal(model.model.vision_tower.encoder.layers[0].mlp.fc1.weight,  # trained from tiny-llava's
+                           shipped.model.vision_tower.encoder.layers[0].mlp.fc1.weight)
