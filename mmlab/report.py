@@ -31,6 +31,13 @@ def task_rows(df: pd.DataFrame, task: str) -> pd.DataFrame:
     return rows
 
 
+def _model(df: pd.DataFrame, default: str = "tiny-llava") -> str:
+    """The model a sweep table was measured on (its ``model`` parameter; tables recorded before the
+    parameter existed are tiny-llava's)."""
+    names = df["model"].dropna().unique() if "model" in df else []
+    return str(names[0]) if len(names) else default
+
+
 def _ints(text) -> list[int]:
     return [int(v) for v in str(text).split()] if isinstance(text, str) and text else []
 
@@ -121,7 +128,7 @@ def pruning_accuracy(df: pd.DataFrame):
     ax.text(0, -0.3, "fastv: from layer K on; pdrop: per stage; aim: after merging, before in-LLM pruning",
             transform=ax.transAxes, fontsize=7, color="0.4")  # under the axes: never behind the data or legend
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("tiny-llava, shapes VQA: accuracy vs keep ratio")
+    ax.set_title(f"{_model(df)}, shapes VQA: accuracy vs keep ratio")
     _legend(ax)
     return fig
 
@@ -131,13 +138,14 @@ def pruning_accuracy_vs_tflops(df: pd.DataFrame):
     import matplotlib.pyplot as plt
 
     rows, dense = _method_rows(df, "keep_ratio", "pruning")
+    scale, unit = (1e3, "GFLOPs") if rows.tflops.max() > 0.01 else (1e6, "MFLOPs")  # a real LLM vs tiny-llava
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    _lines(ax, rows, "tflops", "accuracy", x_scale=1e6)
+    _lines(ax, rows, "tflops", "accuracy", x_scale=scale)
     if dense is not None:
-        ax.plot([dense.tflops * 1e6], [dense.accuracy * 100], marker="*", ms=12, color="k", ls="", label="no pruning")
-    ax.set_xlabel("LLM prefill MFLOPs per sample")
+        ax.plot([dense.tflops * scale], [dense.accuracy * 100], marker="*", ms=12, color="k", ls="", label="no pruning")
+    ax.set_xlabel(f"LLM prefill {unit} per sample")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy vs compute")
+    ax.set_title(f"{_model(df)}: accuracy vs compute")
     _legend(ax)
     return fig
 
@@ -157,6 +165,7 @@ def pruning_per_type(df: pd.DataFrame):
         ax.set_title(col[4:])
         ax.set_xlabel("kept (%)")
     axes[0][0].set_ylabel("accuracy (%)")
+    fig.suptitle(_model(df), fontsize=9)
     _legend(axes[0][-1])
     fig.tight_layout()
     return fig
@@ -202,7 +211,8 @@ def kv_needle(df: pd.DataFrame):
 
 def kv_multi_image(df: pd.DataFrame):
     """tiny-llava, several images per prompt: accuracy vs KV budget (LOOK-M's text prior vs H2O, ...)."""
-    return _kv_plot(df, "multi_image", "accuracy", "accuracy (%)", "tiny-llava, multi-image context")
+    model = _model(df.rename(columns={"vqa_model": "model"}) if "vqa_model" in df else df)
+    return _kv_plot(df, "multi_image", "accuracy", "accuracy (%)", f"{model}, multi-image context")
 
 
 def kv_cost(df: pd.DataFrame):
@@ -497,13 +507,20 @@ FIGURES = {
     "kv_needle": ("kv_cache", kv_needle),
     "kv_multi_image": ("kv_cache", kv_multi_image),
     "kv_cost": ("kv_cache", kv_cost),
+    "deep_kv_multi_image": ("kv_cache_deep", kv_multi_image),
     "quant_perplexity": ("quantization", quant_perplexity),
     "quant_kv": ("quantization", quant_kv),
+    "deep_token_pruning_accuracy": ("token_pruning_deep", pruning_accuracy),
+    "deep_token_pruning_tflops": ("token_pruning_deep", pruning_accuracy_vs_tflops),
+    "deep_token_pruning_per_type": ("token_pruning_deep", pruning_per_type),
     "01_fastv_attention_share": ("token_pruning", fastv_attention_share),
+    "deep_fastv_attention_share": ("token_pruning_deep", fastv_attention_share),
     "01_kept_tokens": ("token_pruning", kept_tokens),
     "02_adjacent_key_similarity": ("kv_cache", adjacent_key_similarity),
     "03_arank": ("mod_ratios", arank_layers),
     "03_mod_accuracy": ("mod_ratios", mod_accuracy),
+    "deep_arank": ("mod_ratios_deep", arank_layers),
+    "deep_mod_accuracy": ("mod_ratios_deep", mod_accuracy),
     "03_routed_tokens": ("mod_ratios", routed_tokens),
     "benchmarks_accuracy_vs_tflops": ("benchmarks", bench_accuracy_vs_tflops),
 }

@@ -164,3 +164,12 @@ def test_kernelspec_is_rewritten_atomically_under_parallel_runs():
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda _: kernel_dir(), range(32)))
         assert spec.read_text() == good
+
+
+def test_every_committed_sweep_validates():
+    """Default sweeps and the ones kept aside (sweeps/deep: run once tiny-llava-deep meets its bars) name
+    notebook parameters that exist and methods that build (``load_sweep`` checks every grid point)."""
+    sweeps = sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "sweeps" / "deep").glob("*.yaml"))
+    assert len(sweeps) >= 10
+    for y in sweeps:
+        assert load_sweep(y, root=ROOT).runs()

@@ -85,3 +85,33 @@ def test_notebook_executes(nb, tmp_path, monkeypatch):
     for name, (sweep, draw) in report.FIGURES.items():
         if sweep == _sweep_of(nb) and not rows.empty:
             plt.close(draw(rows.assign(status="ok")))
+
+
+def _execute(name: str, params: dict, tmp_path, monkeypatch) -> pd.DataFrame:
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir()) + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
+    monkeypatch.setenv("MMLAB_RECORD_PATH", str(tmp_path / "metrics.json"))
+    nb = ROOT / "notebooks" / name
+    papermill.execute_notebook(str(nb), str(tmp_path / name), parameters=params, kernel_name=KERNEL,
+                               cwd=str(nb.parent), progress_bar=False)
+    return pd.DataFrame(json.loads((tmp_path / "metrics.json").read_text())[ROWS])
+
+
+def test_pruning_notebook_on_the_deep_model(tmp_path, monkeypatch):
+    """The tiny-llava-deep sweep's notebook: the model parameter reaches every table and figure title."""
+    rows = _execute("01_token_pruning.ipynb", {"model": "tiny-llava-deep", "n_samples": 2,
+                                               "methods": ["random", "fastv"], "keep_ratios": [0.5]},
+                    tmp_path, monkeypatch)
+    assert set(rows.task) == {"pruning", "attention_share", "kept_tokens"}
+    shares = rows[rows.task == "attention_share"]
+    assert shares.layer.max() == 11 and set(shares.model) == {"tiny-llava-deep"}
+    fig = report.pruning_accuracy(rows.assign(status="ok", model="tiny-llava-deep"))
+    assert fig.axes[0].get_title().startswith("tiny-llava-deep")
+    plt.close(fig)
+
+
+def test_kv_notebook_runs_one_section(tmp_path, monkeypatch):
+    """``sections`` runs only the multi-image task (what the smol-llava KV sweep asks for)."""
+    rows = _execute("02_kv_merging.ipynb", {"sections": ["multi_image"], "n_samples": 2, "budgets": [0.5],
+                                            "methods": ["h2o", "lookm"], "lookm_variants": ["no-prior"]},
+                    tmp_path, monkeypatch)
+    assert set(rows.task) == {"multi_image", "lookm_multi_image", "key_similarity"}
