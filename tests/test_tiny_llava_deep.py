@@ -39,6 +39,17 @@ def test_the_shipped_checkpoint_is_trained_and_uses_its_image(deep):
     assert dense >= 0.6 and dense - pruned >= 0.05, (dense, pruned)
 
 
+def test_a_checkpoint_state_has_the_model_names(tiny):
+    """Saved checkpoints use the legacy names (``vision_tower.``): the state the trainers start from is
+    mapped to the model's names and equals what ``from_pretrained`` loads (a raw load silently missed it)."""
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR, checkpoint_state
+
+    state = checkpoint_state(CHECKPOINT_DIR / "tiny-llava", ("model.vision_tower.", "model.multi_modal_projector."))
+    mine = tiny.model.state_dict()
+    assert len(state) == sum(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in mine)
+    assert all(torch.equal(v, mine[k]) for k, v in state.items())
+
+
 def test_training_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):
     from transformers import LlavaForConditionalGeneration
 

@@ -21,7 +21,7 @@ import torch
 
 from mmlab.arch.base import Inputs, images_and_text, register
 from mmlab.arch.llava import Llava
-from mmlab.arch.tiny_llava import pixel_values
+from mmlab.arch.tiny_llava import checkpoint_state, pixel_values
 from mmlab.methods.base import MethodError
 
 IMAGE_TOKEN = "<image>"
@@ -88,10 +88,10 @@ def build(lm_dir: Path, vision_dir: Path, *, lora: bool = True):
         {k.removeprefix("model."): v for k, v in lm.items() if k.startswith("model.")}, strict=True)
     assert not missing.missing_keys
     model.tie_weights()
-    shipped = load_file(vision_dir / "model.safetensors")
-    own = {k: v for k, v in shipped.items()
-           if k.startswith("model.vision_tower.") or (k.startswith("model.multi_modal_projector.")
-                                                      and v.shape == model.state_dict()[k].shape)}
+    shipped = checkpoint_state(vision_dir, ("model.vision_tower.", "model.multi_modal_projector."))
+    mine = model.state_dict()
+    own = {k: v for k, v in shipped.items() if v.shape == mine[k].shape}  # tiny-llava's projector: other width
+    assert any(k.startswith("model.vision_tower.") for k in own), f"no vision tower weights in {vision_dir}"
     model.load_state_dict(own, strict=False)
     if lora and (vision_dir / "lora.safetensors").exists():
         merge_lora(model, load_file(vision_dir / "lora.safetensors"))

@@ -27,6 +27,17 @@ def prompt_text(question: str, n_image_tokens: int | list[int], system: str | No
     return head + "".join("<image> " * n for n in runs) + f"{question} assistant :"
 
 
+def checkpoint_state(path: Path, prefixes: tuple[str, ...] = ("",)) -> dict[str, torch.Tensor]:
+    """A saved Llava checkpoint's weights under the model's own names (``model.vision_tower...``):
+    checkpoints saved by ``save_pretrained`` store the legacy names (``vision_tower...``), which
+    ``from_pretrained`` maps and a raw ``load_state_dict`` would silently miss. ``prefixes``: keep these."""
+    from safetensors.torch import load_file
+
+    legacy = ("vision_tower.", "multi_modal_projector.")
+    state = {("model." + k if k.startswith(legacy) else k): v for k, v in load_file(path / "model.safetensors").items()}
+    return {k: v for k, v in state.items() if k.startswith(prefixes)}
+
+
 def pixel_values(images) -> torch.Tensor:
     """PIL images -> normalised (B, 3, H, W) float tensor in [-1, 1]."""
     import numpy as np

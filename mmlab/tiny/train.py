@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmlab.arch.tiny_llava import CHECKPOINT_DIR, pixel_values, prompt_text
+from mmlab.arch.tiny_llava import CHECKPOINT_DIR, checkpoint_state, pixel_values, prompt_text
 from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, make_sample, patch_labels, scene_with_questions
 from mmlab.tiny.model import PATCH, build_model, build_tokenizer
 
@@ -149,11 +149,11 @@ def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_step
     tokenizer = build_tokenizer(system)
     model = build_model(tokenizer, seed=seed, text_layers=text_layers, system=system).train()
     if vision_from or weights_from:
-        from safetensors.torch import load_file
-
-        src = load_file(Path(weights_from or vision_from) / "model.safetensors")
         own = ("model.vision_tower.", "model.multi_modal_projector.") if not weights_from else ("",)
-        model.load_state_dict({k: v for k, v in src.items() if k.startswith(own)}, strict=bool(weights_from))
+        src = checkpoint_state(Path(weights_from or vision_from), own)
+        if not src:
+            raise ValueError(f"no weights to start from in {weights_from or vision_from}")
+        model.load_state_dict(src, strict=bool(weights_from))
         vision_steps = 0
     n_img = model.config.image_seq_length
     probe = PatchProbe(model.config.text_config.hidden_size)
