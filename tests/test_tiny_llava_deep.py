@@ -48,6 +48,8 @@ def test_a_checkpoint_state_has_the_model_names(tiny):
     mine = tiny.model.state_dict()
     assert len(state) == sum(k.startswith(("model.vision_tower.", "model.multi_modal_projector.")) for k in mine)
     assert all(torch.equal(v, mine[k]) for k, v in state.items())
+    full = checkpoint_state(CHECKPOINT_DIR / "tiny-llava")  # every weight (``weights_from``): the model's names
+    assert full.keys() == mine.keys() and all(torch.equal(v, mine[k]) for k, v in full.items())
 
 
 def test_training_recipe_runs_and_writes_a_loadable_checkpoint(tmp_path):

@@ -33,8 +33,14 @@ def checkpoint_state(path: Path, prefixes: tuple[str, ...] = ("",)) -> dict[str,
     ``from_pretrained`` maps and a raw ``load_state_dict`` would silently miss. ``prefixes``: keep these."""
     from safetensors.torch import load_file
 
-    legacy = ("vision_tower.", "multi_modal_projector.")
-    state = {("model." + k if k.startswith(legacy) else k): v for k, v in load_file(path / "model.safetensors").items()}
+    def rename(k: str) -> str:
+        if k.startswith(("vision_tower.", "multi_modal_projector.")):
+            return "model." + k
+        if k.startswith("language_model.model."):
+            return "model.language_model." + k.removeprefix("language_model.model.")
+        return k.removeprefix("language_model.")  # language_model.lm_head -> lm_head
+
+    state = {rename(k): v for k, v in load_file(path / "model.safetensors").items()}
     return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
 
