@@ -63,6 +63,13 @@ def test_tiny_llava_matches_transformers(tiny, test_samples):
         _check(tiny, s)
 
 
+@pytest.mark.parametrize("name", ["tiny-llava-deep", "smol-llava"])
+def test_other_embedded_vlms_match_transformers(name, test_samples):
+    bundle = mmlab.load(name)
+    for s in test_samples[:4]:
+        _check(bundle, s)
+
+
 @pytest.mark.parametrize("name", sorted(NOOP))
 def test_methods_at_keep_everything_match_transformers(name, tiny, smol, test_samples):
     m = get(name, **NOOP[name])

@@ -1,5 +1,6 @@
 """tiny-llava-deep, the from-scratch fallback of the realistic sandbox VLM: 12 LLM layers, a 24-word
-system turn before the image, 144 visual tokens. It loads, equals stock transformers, and its recipe runs."""
+system turn before the image, 144 visual tokens. It loads and its recipe runs
+(its ground truth against stock transformers: tests/test_ground_truth.py)."""
 
 import pytest
 import torch
@@ -19,14 +20,6 @@ def test_shape_of_the_model_and_its_prompt(deep):
     first_image = (ids == deep.image_token_id).nonzero()[0].item()
     assert first_image >= 20 + 3  # <s> system : + the system turn's words, before the image
     assert deep.tokenizer.decode(ids[: first_image]).startswith(f"<s> system : {SYSTEM} user :")
-
-
-def test_engine_matches_transformers(deep, test_samples):
-    for s in test_samples[:4]:
-        tr = mmlab.run(deep, s)
-        diff = (tr.logits - deep.reference_logits(s)).abs().max().item()
-        assert diff <= 1e-4, f"max |logit diff| {diff:.2e}"
-        assert tr.answer == deep.reference_generate(s)
 
 
 @pytest.mark.slow
