@@ -21,6 +21,7 @@ NOOP = {
     "fastv": {"keep_ratio": 1.0},
     "pdrop": {"ratio": 1.0},
     "aim": {"keep_ratio": 1.0, "prune_from": 1.0, "prune_to": 2.0},
+    "sparsevlm": {"keep_ratio": 1.0},
     "streamingllm": {"budget": 1.0},
     "h2o": {"budget": 1.0},
     "snapkv": {"budget": 1.0},
@@ -127,7 +128,8 @@ def test_recomputed_attention_equals_eager(arch, random_bundles, test_samples):
 
 # each attention-scored method at a setting whose scores are read before anything is removed
 SCORED = {"fastv": {"keep_ratio": 0.5}, "pdrop": {}, "aim": {"keep_ratio": 1.0, "prune_from": 0.0, "prune_to": 1.0},
-          "mod": {}, "h2o": {"budget": 0.5}, "snapkv": {"budget": 0.5, "window": 4}, "lookm": {"budget": 0.5},
+          "mod": {}, "sparsevlm": {"keep_ratio": 0.25},
+          "h2o": {"budget": 0.5}, "snapkv": {"budget": 0.5, "window": 4}, "lookm": {"budget": 0.5},
           "kvmerger": {"budget": 0.5}}
 SCORED_MATRIX = [(a, n) for a in ARCHITECTURES for n in sorted(SCORED)
                  if not (a in TEXT_ARCHITECTURES and get(n).needs_image)]

@@ -13,8 +13,10 @@ from mmlab.methods.token_pruning import (
     AIM,
     bipartite_merge,
     divprune_select,
+    dpc_knn_merge,
     pagerank_importance,
     pool_shape,
+    sparsevlm_raters,
     visionzip_select,
 )
 
@@ -277,3 +279,75 @@ def test_visionzip_reads_the_towers_own_states(tiny, eager_tiny, test_samples):
     tr = mmlab.run(tiny, test_samples[0], [mmlab.methods.get("visionzip", keep_ratio=0.11)])
     assert tr.image_tokens_per_layer()[0] == 16 and (tr.image_merged_into[0] >= 0).all()
     assert torch.equal(tr.image_merged_into[0].unique(), torch.arange(16))
+
+
+def _dpc_knn_official(x, k):
+    """The official ``cluster_and_merge`` clustering step (Gumpest/SparseVLMs, utils.py), written as a
+    loop over tokens; its 1e-6 random tie-breaking noise is replaced by ours (on an exact tie in density,
+    e.g. two mutual nearest neighbours with k = 2, the lower index is the denser)."""
+    n, d = x.shape
+    dist = [[float((x[i] - x[j]).norm()) / math.sqrt(d) for j in range(n)] for i in range(n)]
+    density = [math.exp(-sum(v * v for v in sorted(row)[:k]) / k) for row in dist]
+    dmax = max(max(row) for row in dist)
+    denser = [[density[j] > density[i] or (density[j] == density[i] and j < i) for j in range(n)] for i in range(n)]
+    parent = [min([dist[i][j] for j in range(n) if denser[i][j]] or [dmax]) for i in range(n)]
+    score = [parent[i] * density[i] for i in range(n)]
+    centres = sorted(range(n), key=lambda i: -score[i])[:k]
+    cluster = [min(range(k), key=lambda c: dist[centres[c]][i]) for i in range(n)]
+    for c, i in enumerate(centres):
+        cluster[i] = c
+    return centres, cluster
+
+
+def test_sparsevlm_clusters_match_the_official_rule_on_fixed_inputs():
+    x = torch.randn(23, 6, generator=torch.Generator().manual_seed(3))
+    for k in (2, 3, 5):
+        centres, cluster = dpc_knn_merge(x, k)
+        ref_centres, ref_cluster = _dpc_knn_official(x, k)
+        assert centres.tolist() == ref_centres and cluster.tolist() == ref_cluster
+    centres, cluster = dpc_knn_merge(x, 1)  # one cluster: every density ties, the first token is the centre
+    assert centres.tolist() == [0] and cluster.eq(0).all()
+
+
+def test_sparsevlm_first_stage_follows_eager_attention(tiny, eager_tiny, test_samples):
+    """Raters from the input embeddings, the stage layer's eager attention (head mean, rater mean) ranks
+    the visual tokens; the top ones stay, and 1 in 10 of the best 30% of the rest come back as centres.
+    Counts on 4 layers (stages after layers 0, 1, 2) at 192/576: 75 kept + 3 recycled, 50 + 1, 28 + 1
+    (27.5 rounds to 28)."""
+    for s in test_samples[:3]:
+        inp = tiny.encode(s)
+        with torch.no_grad():
+            out = eager_tiny(input_ids=inp.input_ids, pixel_values=inp.pixel_values, output_attentions=True,
+                             output_hidden_states=True)
+        tr = mmlab.run(tiny, s, [get("sparsevlm")])
+        assert tr.image_tokens_per_layer() == [144, 78, 51, 29]
+        img = torch.nonzero(tr.modality >= 0).flatten()
+        text = torch.arange(int(img[-1]) + 1, tr.prompt_length)
+        emb = out.hidden_states[0][0]
+        raters = text[sparsevlm_raters(emb[img], emb[text])]
+        rel = out.attentions[0][0].mean(0)[raters][:, img].mean(0)
+        top = set(img[rel.topk(75).indices].tolist())
+        layer1 = set(tr.layer_tokens[1].tolist())
+        assert top <= layer1 and len(layer1 & set(img.tolist())) == 78
+        assert set(text.tolist()) <= layer1  # text is never dropped
+
+
+def test_keep_merges_tokens_into_kept_ones():
+    from mmlab.engine import Tokens
+
+    h = torch.arange(12.0).reshape(1, 6, 2)
+    t = Tokens(h.clone(), torch.arange(6)[None], torch.arange(6), torch.tensor([0, 1, 1, 1, 1, 0]).bool())
+    t.keep(torch.tensor([0, 2, 5]), merged_into=torch.tensor([0, -1, 2, 2, 2, 5]))
+    assert t.source.tolist() == [0, 2, 5]
+    assert torch.equal(t.hidden[0], torch.stack([h[0, 0], h[0, 2:5].mean(0), h[0, 5]]))
+    with pytest.raises(mmlab.MethodError, match="each -1 or a kept index"):
+        t.keep(torch.tensor([0]), merged_into=torch.tensor([0, 1, -1]))
+
+
+def test_sparsevlm_composes_with_visionzip_snapkv_and_w4(tiny, test_samples):
+    ms = [get("visionzip", keep_ratio=0.5), get("sparsevlm", keep_ratio=0.33), get("snapkv", budget=0.5, window=8),
+          get("rtn", bits=4, group_size=32)]
+    tr = mmlab.run(tiny, test_samples[0], ms)
+    per = tr.image_tokens_per_layer()
+    assert per[0] == 72 and per[1] < 72 and per[3] < per[1] and tr.extra["weight_bits"] < 5
+    assert sum(tr.kv_lengths_final) < sum(tr.kv_lengths_prefill) and tr.answer

@@ -418,3 +418,125 @@ class VisionZip(VisualTokenMethod):
             ctx.record_image_selection(i, kept, merged_into=slot)
             out.append(ctx.project(merged.to(states.dtype)).to(f.dtype))
         return out
+
+
+# SparseVLM's LLaVA-1.5 schedule (official Gumpest/SparseVLMs, ``llava/model/language_model/score.py``,
+# v1.0 lists): visual tokens left after layers 2, 6 and 15 of 32, for an average of 192 / 128 / 64 of 576.
+SPARSEVLM_LAYERS = (2 / 32, 6 / 32, 15 / 32)
+SPARSEVLM_COUNTS = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
+
+
+def sparsevlm_raters(visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's text raters (Sec. 3.2) from the LLM's input embeddings: softmax over the text tokens of
+    visual x text similarity, averaged over the visual tokens; the raters are the text tokens above the
+    mean. ``visual`` (v, d), ``text`` (t, d) -> (t,) bool."""
+    rel = (visual.float() @ text.float().T).softmax(-1).mean(0)
+    return rel > rel.mean()
+
+
+def dpc_knn_merge(x: torch.Tensor, n_clusters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseVLM's recycling clusters (DPC-KNN, official ``cluster_and_merge``): density from the mean
+    squared distance to the ``n_clusters`` nearest tokens (distances / sqrt(d)), centres = largest
+    density x distance to any denser token, every token to its nearest centre (centres to themselves).
+    ``x`` (n, d) -> centres (c,) and the cluster of every token (n,). Ties in density go to the lower
+    index (the official code breaks them with 1e-6 noise; with one cluster every density ties)."""
+    n = x.shape[0]
+    dist = torch.cdist(x.float(), x.float()) / math.sqrt(x.shape[1])
+    density = (-dist.topk(n_clusters, dim=-1, largest=False).values.pow(2).mean(-1)).exp()
+    idx = torch.arange(n, device=x.device)
+    tie = (density[None, :] == density[:, None]) & (idx[None, :] < idx[:, None])
+    denser = (density[None, :] > density[:, None]) | tie  # (i, j): token j is denser than token i
+    parent = torch.where(denser, dist, dist.max()).amin(-1)
+    centres = (parent * density).topk(n_clusters).indices
+    cluster = dist[centres].argmin(0)
+    cluster[centres] = torch.arange(n_clusters, device=x.device)
+    return centres, cluster
+
+
+@register
+@dataclass
+class SparseVLM(VisualTokenMethod):
+    """SparseVLM (Zhang et al., ICML 2025): text-guided visual-token sparsification in the LLM.
+
+    Rule: the text tokens after the image whose embeddings relate most to the visual ones are the
+    raters (``sparsevlm_raters``); after each stage layer, visual tokens are ranked by the raters'
+    attention in that layer (mean over heads and raters) and the top ones kept. Count per stage: the
+    official LLaVA schedule for the budget nearest ``keep_ratio`` x 576 (192 / 128 / 64: 300, 200, 110 /
+    303, 110, 36 / 66, 30, 17 of 576 after layers 2, 6, 15 of 32), scaled to ``keep_ratio`` and to the
+    model's depth and token count; or, with ``adaptive``, int(rank x ``scale`` + ``bias``) where rank is
+    that of the raters x visual attention matrix (the paper's rank-based count). Recycling: the top
+    ``recycle_share`` of the dropped tokens (by the same score) are clustered (DPC-KNN) into one per
+    ``cluster_size`` and each cluster averaged into its centre token, which stays. ``keep_ratio=1``
+    keeps every token.
+    """
+
+    name: ClassVar[str] = "sparsevlm"
+    keep_ratio: float = 192 / 576
+    layers: tuple = SPARSEVLM_LAYERS
+    adaptive: bool = False
+    scale: float = 13.5
+    bias: float = 0.0
+    recycle_share: float = 0.3
+    cluster_size: int = 10
+
+    def check(self) -> None:
+        super().check()
+        if not self.layers or any(not isinstance(f, (int, float)) or not 0 <= f < 1 for f in self.layers):
+            raise MethodError(f"sparsevlm: layers must be stage layers as fractions of depth in [0, 1), "
+                              f"got {self.layers!r}")
+        if not (0 <= self.recycle_share <= 1 and isinstance(self.cluster_size, int) and self.cluster_size >= 1):
+            raise MethodError(f"sparsevlm: recycle_share must be in [0, 1] and cluster_size an integer >= 1, "
+                              f"got {self.recycle_share!r}, {self.cluster_size!r}")
+
+    def stages(self, n_layers: int) -> list[int]:
+        """The layers after which tokens are dropped (scored by their own attention)."""
+        return sorted({min(n_layers - 2, round(f * n_layers)) for f in self.layers})
+
+    def counts(self, n_image: int) -> list[float]:
+        budget = min(SPARSEVLM_COUNTS, key=lambda b: abs(b - self.keep_ratio * 576))
+        return [c / 576 * self.keep_ratio * 576 / budget * n_image for c in SPARSEVLM_COUNTS[budget]]
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        if ctx.n_layers < 2:
+            raise MethodError(f"sparsevlm prunes after a layer and needs >= 2 layers; {ctx.model_name!r} has "
+                              f"{ctx.n_layers}")
+
+    def before_layer(self, ctx, layer, tokens):
+        if self.keep_ratio >= 1:  # the schedule's last stage is below its average: 1 is a separate no-op
+            return
+        if layer == 0:
+            img = torch.nonzero(tokens.is_image).flatten()
+            text = torch.arange(int(img[-1]) + 1, len(tokens), device=img.device)  # the text after the image
+            raters = text[sparsevlm_raters(tokens.hidden[0, img], tokens.hidden[0, text])] if text.numel() else text
+            ctx.scratch["sparsevlm_raters"] = tokens.source[raters]
+            return
+        stages = self.stages(ctx.n_layers)
+        if layer - 1 in stages:
+            n_keep = self.counts(ctx.n_image_tokens)[min(stages.index(layer - 1), 2)]
+            self._prune(ctx, layer - 1, tokens, n_keep)
+
+    def _prune(self, ctx, layer: int, tokens, n_keep: float) -> None:
+        img = torch.nonzero(tokens.is_image).flatten()
+        raters = torch.nonzero(torch.isin(tokens.source, ctx.scratch["sparsevlm_raters"])).flatten()
+        if raters.numel() == 0 or img.numel() == 0:
+            return
+        rel = ctx.attention(layer, queries=raters).mean(0)[:, img]  # (raters, visual)
+        if self.adaptive:
+            n_keep = torch.linalg.matrix_rank(rel.float()).item() * self.scale + self.bias
+        k = int(n_keep) if self.adaptive else round(n_keep)  # the official int(); a scaled count rounds
+        if k >= img.numel():  # keeps every token: the stage does nothing
+            return
+        score = rel.mean(0)
+        order = score.argsort(descending=True, stable=True)
+        kept, dropped = img[order[:max(1, k)]], order[max(1, k):]
+        into = torch.full((len(tokens),), -1, dtype=torch.long, device=img.device)
+        text = torch.nonzero(~tokens.is_image).flatten()
+        into[text], into[kept] = text, kept
+        if self.recycle_share > 0 and dropped.numel():
+            recycled = dropped[:int(dropped.numel() * self.recycle_share) + 1]  # already in score order
+            n_clusters = min(recycled.numel(), recycled.numel() // self.cluster_size + 1)
+            centres, cluster = dpc_knn_merge(tokens.hidden[0, img[recycled]], n_clusters)
+            into[img[recycled]] = img[recycled][centres][cluster]
+            kept = torch.cat([kept, img[recycled][centres]])
+        tokens.keep(torch.cat([text, kept]), merged_into=into)
