@@ -98,33 +98,32 @@ class Tokens:
             raise MethodError(f"{what}(): indices must be a non-empty subset of 0..{len(self) - 1}")
         return idx
 
-    def keep(self, indices: torch.Tensor, merged_into: torch.Tensor | None = None) -> None:
+    def keep(self, indices: torch.Tensor, merged_into: torch.Tensor | None = None, reduce: str = "mean") -> None:
         """Keep only ``indices`` (into the current sequence) from now on; order is preserved. With
-        ``merged_into`` (n,): for every current token, the kept token it is averaged into (-1: none);
-        a kept token that receives tokens becomes their mean (SparseVLM's recycling)."""
+        ``merged_into`` (n,): for every current token, the kept token it is pooled into (-1: none); a
+        kept token that receives tokens becomes their ``reduce`` ("mean" or "amax", elementwise):
+        SparseVLM's recycling, DPN's pooling."""
         idx = self._subset(indices, "keep")
         if self.routed is not None:
             raise MethodError("keep() after route() in the same layer: prune first, then route")
         if merged_into is not None:
-            self.hidden = self._merged(idx, torch.as_tensor(merged_into, device=self.hidden.device).long())
+            self.hidden = self._merged(idx, torch.as_tensor(merged_into, device=self.hidden.device).long(), reduce)
         self.hidden = self.hidden.index_select(1, idx)
         self.positions = self.positions.index_select(-1, idx)
         self.source = self.source.index_select(0, idx)
         self.is_image = self.is_image.index_select(0, idx)
 
-    def _merged(self, idx: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
-        """The hidden states with every token that receives merges replaced by the mean of its group."""
+    def _merged(self, idx: torch.Tensor, into: torch.Tensor, reduce: str) -> torch.Tensor:
+        """The hidden states with every token that receives merges replaced by the reduction of its group."""
         n = len(self)
         if into.shape != (n,) or into.max() >= n or into.min() < -1 or not torch.isin(into[into >= 0], idx).all():
             raise MethodError(f"keep(merged_into=...): need one entry per token ({n}), each -1 or a kept index")
+        if reduce not in ("mean", "amax"):
+            raise MethodError(f"keep(reduce={reduce!r}): reduce must be 'mean' or 'amax'")
         src = torch.nonzero(into >= 0).flatten()
-        sums = torch.zeros(n, self.hidden.shape[-1], dtype=torch.float32, device=self.hidden.device)
-        sums.index_add_(0, into[src], self.hidden[0, src].float())
-        counts = torch.bincount(into[src], minlength=n)
-        groups = torch.nonzero(counts).flatten()
-        out = self.hidden.clone()
-        out[0, groups] = (sums[groups] / counts[groups, None]).to(out.dtype)
-        return out
+        out = self.hidden[0].float()  # (n, d), reduced in float32
+        out = out.scatter_reduce(0, into[src, None].expand(-1, out.shape[1]), out[src], reduce, include_self=False)
+        return out.to(self.hidden.dtype)[None]
 
 
 @dataclass

@@ -22,6 +22,7 @@ NOOP = {
     "pdrop": {"ratio": 1.0},
     "aim": {"keep_ratio": 1.0, "prune_from": 1.0, "prune_to": 2.0},
     "sparsevlm": {"keep_ratio": 1.0},
+    "dpn": {"kernel": 1},
     "streamingllm": {"budget": 1.0},
     "h2o": {"budget": 1.0},
     "snapkv": {"budget": 1.0},
@@ -93,7 +94,7 @@ def _sample(bundle, test_samples):
 
 # the matrix: every architecture x (no method + every method it can run at keep-everything)
 MATRIX = [(arch, name) for arch in ARCHITECTURES for name in ["none", *sorted(NOOP)]
-          if name != "mod_trained" and not (name == "pool" and arch in NO_GRID)
+          if name != "mod_trained" and not (name in ("pool", "dpn") and arch in NO_GRID)
           and not (arch in TEXT_ARCHITECTURES and name != "none" and get(name).needs_image)]
 
 

@@ -351,3 +351,41 @@ def test_sparsevlm_composes_with_visionzip_snapkv_and_w4(tiny, test_samples):
     per = tr.image_tokens_per_layer()
     assert per[0] == 72 and per[1] < 72 and per[3] < per[1] and tr.extra["weight_bits"] < 5
     assert sum(tr.kv_lengths_final) < sum(tr.kv_lengths_prefill) and tr.answer
+
+
+class _Hidden(Method):
+    """Records the live hidden states and image mask before one layer (test helper, not registered)."""
+
+    name = "hidden_probe"
+
+    def __init__(self, layer, key):
+        self.layer, self.key = layer, key
+
+    def before_layer(self, ctx, layer, tokens):
+        if layer == self.layer:
+            ctx.scratch[self.key] = (tokens.hidden[0].clone(), tokens.is_image.clone(), tokens.positions.clone())
+
+
+def test_dpn_max_pools_the_grid_after_its_stage_layers(tiny, test_samples):
+    """4 layers: the outputs of layers 1 and 2 are pooled (7/32, 15/32, 23/32 of depth, the last stage
+    clipped to the second-to-last layer); each pooled token is F.max_pool2d of its 2 x 2 window and sits
+    at the window's top-left position; text passes untouched."""
+    tr = mmlab.run(tiny, test_samples[0], [get("dpn")])
+    assert tr.image_tokens_per_layer() == [144, 144, 36, 9]
+    before, after = _Hidden(2, "before"), _Hidden(2, "after")
+    from mmlab.engine import prefill
+
+    p = prefill(tiny, tiny.encode(test_samples[0]), [before, get("dpn"), after])
+    (h0, img0, pos0), (h1, img1, pos1) = p.ctx.scratch["before"], p.ctx.scratch["after"]
+    grid = h0[img0].T.reshape(1, -1, 12, 12)
+    pooled = F.max_pool2d(grid, 2, 2).reshape(h0.shape[1], -1).T
+    assert torch.equal(h1[img1], pooled) and torch.equal(h1[~img1], h0[~img0])
+    top_left = pos0[..., img0].reshape(12, 12)[::2, ::2].flatten()
+    assert torch.equal(pos1[..., img1].flatten(), top_left)
+
+
+def test_dpn_refuses_what_it_cannot_pool(tiny, test_samples):
+    with pytest.raises(mmlab.MethodError, match="do not form whole 12x12 grids"):
+        mmlab.run(tiny, test_samples[0], [get("divprune", keep_ratio=0.5), get("dpn")])
+    with pytest.raises(mmlab.MethodError, match="kernel must be an integer >= 1"):
+        get("dpn", kernel=0)

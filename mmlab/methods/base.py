@@ -26,7 +26,7 @@ Stages, in the order they are called:
 ``before_layer(ctx, layer, tokens)``
     Called before every decoder layer of the prefill. ``tokens`` is the live sequence;
     ``tokens.keep(indices)`` physically drops the others from this layer on (``merged_into=``
-    averages dropped tokens into kept ones),
+    pools dropped tokens into kept ones, ``reduce=`` "mean" or "amax"),
     ``tokens.route(indices, weights=None)`` (Mixture-of-Depths) lets only those through this
     one layer while the others ride the residual stream. ``ctx.attention(layer - 1, queries)``
     gives attention probabilities of the previous layer (recomputed by the model's adapter for
@@ -103,7 +103,7 @@ class LiveTokens(Protocol):
 
     def __len__(self) -> int: ...
 
-    def keep(self, indices: torch.Tensor, merged_into: torch.Tensor | None = None) -> None: ...
+    def keep(self, indices: torch.Tensor, merged_into: torch.Tensor | None = None, reduce: str = "mean") -> None: ...
 
     def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> None: ...
 

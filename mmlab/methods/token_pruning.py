@@ -540,3 +540,75 @@ class SparseVLM(VisualTokenMethod):
             into[img[recycled]] = img[recycled][centres][cluster]
             kept = torch.cat([kept, img[recycled][centres]])
         tokens.keep(torch.cat([text, kept]), merged_into=into)
+
+
+def grid_pool_map(rows: int, cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """k x k windows at stride k over a row-major rows x cols grid, as ``F.max_pool2d`` lays them out
+    (trailing rows / columns that do not fill a window are dropped). Returns the representative (top-left
+    cell) of every window, the window of every cell (-1: dropped) and the pooled grid's shape."""
+    h, w = rows // k, cols // k
+    r, c = torch.arange(rows)[:, None], torch.arange(cols)[None, :]
+    window = torch.where((r < h * k) & (c < w * k), (r // k) * w + c // k, -1).flatten()
+    rep = ((torch.arange(h)[:, None] * k) * cols + torch.arange(w)[None, :] * k).flatten()
+    return rep, window, (h, w)
+
+
+@register
+@dataclass
+class DPN(VisualTokenMethod):
+    """DPN, Dynamic Pyramid Network (Ai et al., 2025), training-free static variant.
+
+    Rule: after each stage layer, every image's visual-token grid is max-pooled with a ``kernel`` x
+    ``kernel`` window at stride ``kernel`` (official ``pooling_function="max"``, ``pooling_location=
+    "post"``), so the visual tokens shrink geometrically with depth; an image with fewer than 16 tokens
+    left is not pooled. Official layers 7, 15, 23 of 32 (fractions of depth here); kernel 2 takes
+    LLaVA's 576 tokens to 144, 36, 9 (192 per layer on average). The trained per-sample pooling experts
+    (a router on the last token choosing the kernel) are not part of this class.
+    """
+
+    name: ClassVar[str] = "dpn"
+    knob: ClassVar[str | None] = None  # the pyramid is set by kernel and layers, not a keep ratio
+    layers: tuple = (7 / 32, 15 / 32, 23 / 32)
+    kernel: int = 2
+    pooling: str = "max"
+    min_tokens: int = 16
+
+    def check(self) -> None:
+        if not self.layers or any(not isinstance(f, (int, float)) or not 0 <= f < 1 for f in self.layers):
+            raise MethodError(f"dpn: layers must be pooling layers as fractions of depth in [0, 1), "
+                              f"got {self.layers!r}")
+        if not (isinstance(self.kernel, int) and self.kernel >= 1) or self.pooling not in ("max", "avg"):
+            raise MethodError(f"dpn: kernel must be an integer >= 1 and pooling 'max' or 'avg', "
+                              f"got kernel={self.kernel!r}, pooling={self.pooling!r}")
+
+    def stages(self, n_layers: int) -> list[int]:
+        """The layers whose output is pooled."""
+        return sorted({min(n_layers - 2, round(f * n_layers)) for f in self.layers})
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        if ctx.image_grid is None:
+            raise MethodError(f"dpn pools the visual-token grid, and {ctx.model_name!r} has none "
+                              f"(e.g. LLaVA-NeXT tiles with newline tokens); use sparsevlm or fastv")
+
+    def before_layer(self, ctx, layer, tokens):
+        if layer == 0:
+            ctx.scratch["dpn_grid"] = ctx.image_grid
+        if layer - 1 not in self.stages(ctx.n_layers) or self.kernel == 1:
+            return
+        rows, cols = ctx.scratch["dpn_grid"]
+        img = torch.nonzero(tokens.is_image).flatten()
+        if img.numel() % (rows * cols):
+            raise MethodError(f"dpn: {img.numel()} visual tokens do not form whole {rows}x{cols} grids; combine it "
+                              f"only with methods that keep every image's grid (e.g. pool, or none before it)")
+        if rows * cols < self.min_tokens or min(rows, cols) < self.kernel:
+            return
+        rep, window, ctx.scratch["dpn_grid"] = grid_pool_map(rows, cols, self.kernel)
+        into = torch.full((len(tokens),), -1, dtype=torch.long, device=img.device)
+        text = torch.nonzero(~tokens.is_image).flatten()
+        into[text], kept = text, [text]
+        for block in img.view(-1, rows * cols):  # one image's grid, row-major
+            cell = window.to(block.device)
+            into[block[cell >= 0]] = block[rep.to(block.device)][cell[cell >= 0]]
+            kept.append(block[rep.to(block.device)])
+        tokens.keep(torch.cat(kept), merged_into=into, reduce="amax" if self.pooling == "max" else "mean")
