@@ -521,6 +521,13 @@ FIGURES = {
     "03_mod_accuracy": ("mod_ratios", mod_accuracy),
     "deep_arank": ("mod_ratios_deep", arank_layers),
     "deep_mod_accuracy": ("mod_ratios_deep", mod_accuracy),
+    "smol_token_pruning_accuracy": ("token_pruning_smol", pruning_accuracy),
+    "smol_token_pruning_tflops": ("token_pruning_smol", pruning_accuracy_vs_tflops),
+    "smol_token_pruning_per_type": ("token_pruning_smol", pruning_per_type),
+    "smol_fastv_attention_share": ("token_pruning_smol", fastv_attention_share),
+    "smol_arank": ("mod_ratios_smol", arank_layers),
+    "smol_mod_accuracy": ("mod_ratios_smol", mod_accuracy),
+    "smol_kv_multi_image": ("kv_cache_smol", kv_multi_image),
     "03_routed_tokens": ("mod_ratios", routed_tokens),
     "benchmarks_accuracy_vs_tflops": ("benchmarks", bench_accuracy_vs_tflops),
 }

@@ -167,9 +167,9 @@ def test_kernelspec_is_rewritten_atomically_under_parallel_runs():
 
 
 def test_every_committed_sweep_validates():
-    """Default sweeps and the ones kept aside (sweeps/deep: run once tiny-llava-deep meets its bars) name
+    """Default sweeps and the ones kept aside (sweeps/smol: run once smol-llava meets its bars) name
     notebook parameters that exist and methods that build (``load_sweep`` checks every grid point)."""
-    sweeps = sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "sweeps" / "deep").glob("*.yaml"))
-    assert len(sweeps) >= 10
+    sweeps = sorted((ROOT / "sweeps").glob("*.yaml")) + sorted((ROOT / "sweeps" / "smol").glob("*.yaml"))
+    assert len(sweeps) >= 14
     for y in sweeps:
         assert load_sweep(y, root=ROOT).runs()

@@ -1,5 +1,5 @@
-"""tiny-llava-deep, the from-scratch fallback of the realistic sandbox VLM: 12 LLM layers, a 24-word
-system turn before the image, 144 visual tokens. It loads and its recipe runs
+"""tiny-llava-deep, the realistic sandbox VLM (the issue's from-scratch route): 12 LLM layers, a 24-word
+system turn before the image, 144 visual tokens. It loads, meets the accuracy bars, and its recipe runs
 (its ground truth against stock transformers: tests/test_ground_truth.py)."""
 
 import pytest
@@ -23,13 +23,14 @@ def test_shape_of_the_model_and_its_prompt(deep):
 
 
 @pytest.mark.slow
-def test_the_shipped_checkpoint_is_trained_and_uses_its_image(deep):
-    """Above chance (36% over the four types) and hurt by random pruning to 10%. The issue's bars
-    (>= 85%, pruning costs >= 15 points) are not met yet: README, "The realistic sandbox VLM"."""
+def test_the_shipped_checkpoint_meets_the_bars(deep):
+    """The issue's bars on 100 test samples: >= 85% correct, and random pruning to 10% of the visual
+    tokens costs >= 15 points (measured: 86 and 71 of 100; on 400 samples 86.5% and 71.0%). Counted in
+    answers, not float differences."""
     samples = mmlab.data.shapes(n=100, seed=0, split="test")
-    dense = mmlab.evaluate(deep, samples, progress=False).accuracy
-    pruned = mmlab.evaluate(deep, samples, "random(keep_ratio=0.1)", progress=False).accuracy
-    assert dense >= 0.6 and dense - pruned >= 0.05, (dense, pruned)
+    dense = round(100 * mmlab.evaluate(deep, samples, progress=False).accuracy)
+    pruned = round(100 * mmlab.evaluate(deep, samples, "random(keep_ratio=0.1)", progress=False).accuracy)
+    assert dense >= 85 and dense - pruned >= 15, (dense, pruned)
 
 
 def test_a_checkpoint_state_has_the_model_names(tiny):

@@ -82,16 +82,16 @@ def build(lm_dir: Path, vision_dir: Path, *, lora: bool = True):
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)
     lm = load_file(lm_dir / "model.safetensors")
-    lm["model.embed_tokens.weight"] = torch.cat([lm["model.embed_tokens.weight"], lm["model.embed_tokens.weight"]
-                                                 .new_zeros(len(tok) - lm["model.embed_tokens.weight"].shape[0], 576)])
-    missing = model.model.language_model.load_state_dict(
-        {k.removeprefix("model."): v for k, v in lm.items() if k.startswith("model.")}, strict=True)
-    assert not missing.missing_keys
+    emb = lm["model.embed_tokens.weight"]  # (49152, 576): the placeholder's row is added, zero
+    lm["model.embed_tokens.weight"] = torch.cat([emb, emb.new_zeros(len(tok) - emb.shape[0], emb.shape[1])])
+    model.model.language_model.load_state_dict({k.removeprefix("model."): v for k, v in lm.items()
+                                                if k.startswith("model.")}, strict=True)
     model.tie_weights()
     shipped = checkpoint_state(vision_dir, ("model.vision_tower.", "model.multi_modal_projector."))
     mine = model.state_dict()
     own = {k: v for k, v in shipped.items() if v.shape == mine[k].shape}  # tiny-llava's projector: other width
-    assert any(k.startswith("model.vision_tower.") for k in own), f"no vision tower weights in {vision_dir}"
+    if not any(k.startswith("model.vision_tower.") for k in own):
+        raise FileNotFoundError(f"no vision tower weights in {vision_dir} (a smol-llava or tiny-llava checkpoint)")
     model.load_state_dict(own, strict=False)
     if lora and (vision_dir / "lora.safetensors").exists():
         merge_lora(model, load_file(vision_dir / "lora.safetensors"))

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mmlab.arch.smol_llava import LORA_TARGETS, build, prompt_text, turn
 from mmlab.arch.tiny_llava import CHECKPOINT_DIR, pixel_values
 from mmlab.data.shapes import COLORS, SHAPES, make_sample, patch_labels, scene_with_all_questions
-from mmlab.tiny.train import image_features
+from mmlab.tiny.train import image_embeds, image_features
 
 
 class LoRA(torch.nn.Module):
@@ -78,10 +78,7 @@ def batch(tok, indices, seed: int, n_image: int, pad: int):
 
 
 def lm_loss(model, ids, labels, px):
-    feats = image_features(model, px)  # (images, 144, 576)
-    embeds = model.get_input_embeddings()(ids)
-    mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+    embeds = image_embeds(model, ids, image_features(model, px))  # images: (144, 576) each
     hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
     scored = labels[:, 1:] != -100  # logits only where an answer token is predicted (not vocabulary x sequence)
     logits = model.lm_head(hidden[:, :-1][scored])

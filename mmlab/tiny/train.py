@@ -77,14 +77,18 @@ class PatchProbe(torch.nn.Module):
         return total / len(heads)
 
 
+def image_embeds(model, ids: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, d) input embeddings of ``ids`` with the image placeholders replaced, in order, by
+    the rows of ``feats`` (one (n_img, d) block per placeholder run)."""
+    embeds = model.get_input_embeddings()(ids)
+    mask = (ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(mask, feats.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+
+
 def forward_loss(model, probe, ids, labels, px, scenes, aux_weight: float, image_index=None):
     """LM loss on the answer (+ the probe's patch loss), with each image's features computed once."""
-    cfg = model.config
     feats = image_features(model, px)  # (images, n_img, d)
-    per_seq = feats if image_index is None else feats[image_index]
-    embeds = model.get_input_embeddings()(ids)
-    mask = (ids == cfg.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(mask, per_seq.reshape(-1, feats.shape[-1]).to(embeds.dtype))
+    embeds = image_embeds(model, ids, feats if image_index is None else feats[image_index])
     lm_loss = model(inputs_embeds=embeds, labels=labels).loss
     aux = probe.loss(feats, scenes) if aux_weight else torch.zeros(())
     return lm_loss, aux
