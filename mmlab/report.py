@@ -211,7 +211,7 @@ def kv_needle(df: pd.DataFrame):
 
 def kv_multi_image(df: pd.DataFrame):
     """tiny-llava, several images per prompt: accuracy vs KV budget (LOOK-M's text prior vs H2O, ...)."""
-    model = _model(df.rename(columns={"vqa_model": "model"}) if "vqa_model" in df else df)
+    model = _model(df[["vqa_model"]].set_axis(["model"], axis=1)) if "vqa_model" in df else _model(df)
     return _kv_plot(df, "multi_image", "accuracy", "accuracy (%)", f"{model}, multi-image context")
 
 
