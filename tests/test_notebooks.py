@@ -47,6 +47,9 @@ RECORDS = {"00_baseline.ipynb": ({"accuracy", "tflops", "kv_bytes", "acc_color",
            "06_benchmarks.ipynb": (set(), {"mmlab_shapes"})}
 
 
+CELL_TIMEOUT = 900  # seconds per cell: a lost kernel reply fails the test instead of hanging CI
+
+
 def _sweep_of(nb: Path) -> str | None:
     for y in sorted((ROOT / "sweeps").glob("*.yaml")):
         if Path(yaml.safe_load(y.read_text())["notebook"]).name == nb.name:
@@ -74,7 +77,7 @@ def test_notebook_executes(nb, tmp_path, monkeypatch):
     monkeypatch.setenv("MMLAB_RECORD_PATH", str(tmp_path / "metrics.json"))
     out = tmp_path / nb.name
     papermill.execute_notebook(str(nb), str(out), parameters={**SMALL, **SMALLER.get(nb.name, {})}, kernel_name=KERNEL,
-                               cwd=str(nb.parent), progress_bar=False)
+                               cwd=str(nb.parent), progress_bar=False, execution_timeout=CELL_TIMEOUT)
     recorded = json.loads((tmp_path / "metrics.json").read_text()) if (tmp_path / "metrics.json").exists() else {}
     metrics, tasks = RECORDS[nb.name]
     assert metrics <= set(recorded), f"{nb.name} did not record {sorted(metrics - set(recorded))}"
@@ -92,7 +95,7 @@ def _execute(name: str, params: dict, tmp_path, monkeypatch) -> pd.DataFrame:
     monkeypatch.setenv("MMLAB_RECORD_PATH", str(tmp_path / "metrics.json"))
     nb = ROOT / "notebooks" / name
     papermill.execute_notebook(str(nb), str(tmp_path / name), parameters=params, kernel_name=KERNEL,
-                               cwd=str(nb.parent), progress_bar=False)
+                               cwd=str(nb.parent), progress_bar=False, execution_timeout=CELL_TIMEOUT)
     return pd.DataFrame(json.loads((tmp_path / "metrics.json").read_text())[ROWS])
 
 

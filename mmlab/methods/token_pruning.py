@@ -1,5 +1,6 @@
-"""Visual-token pruning and merging: before the LLM (random, pool, DivPrune, AIM's merge)
-and inside it (FastV, PyramidDrop, AIM's progressive pruning).
+"""Visual-token pruning and merging: before the LLM (random, pool, DivPrune, AIM's merge, VisionZip
+inside the vision tower) and inside it (FastV, PyramidDrop, AIM's progressive pruning, SparseVLM's
+text-rated stages with recycling, DPN's pyramid pooling).
 
 Position conventions (what each paper's code does):
 
