@@ -421,6 +421,16 @@ class VisionZip(VisualTokenMethod):
         return out
 
 
+def check_depth_fractions(name: str, layers) -> None:
+    if not layers or any(not isinstance(f, (int, float)) or not 0 <= f < 1 for f in layers):
+        raise MethodError(f"{name}: layers must be fractions of depth in [0, 1), got {layers!r}")
+
+
+def layers_after(fractions, n_layers: int) -> list[int]:
+    """Layers at the given fractions of depth whose *output* a method changes (so never the last one)."""
+    return sorted({min(n_layers - 2, round(f * n_layers)) for f in fractions})
+
+
 # SparseVLM's LLaVA-1.5 schedule (official Gumpest/SparseVLMs, ``llava/model/language_model/score.py``,
 # v1.0 lists): visual tokens left after layers 2, 6 and 15 of 32, for an average of 192 / 128 / 64 of 576.
 SPARSEVLM_LAYERS = (2 / 32, 6 / 32, 15 / 32)
@@ -482,20 +492,19 @@ class SparseVLM(VisualTokenMethod):
 
     def check(self) -> None:
         super().check()
-        if not self.layers or any(not isinstance(f, (int, float)) or not 0 <= f < 1 for f in self.layers):
-            raise MethodError(f"sparsevlm: layers must be stage layers as fractions of depth in [0, 1), "
-                              f"got {self.layers!r}")
+        check_depth_fractions(self.name, self.layers)
         if not (0 <= self.recycle_share <= 1 and isinstance(self.cluster_size, int) and self.cluster_size >= 1):
             raise MethodError(f"sparsevlm: recycle_share must be in [0, 1] and cluster_size an integer >= 1, "
                               f"got {self.recycle_share!r}, {self.cluster_size!r}")
 
     def stages(self, n_layers: int) -> list[int]:
         """The layers after which tokens are dropped (scored by their own attention)."""
-        return sorted({min(n_layers - 2, round(f * n_layers)) for f in self.layers})
+        return layers_after(self.layers, n_layers)
 
     def counts(self, n_image: int) -> list[float]:
+        """Visual tokens left after each stage: the nearest official list, scaled to keep_ratio and n_image."""
         budget = min(SPARSEVLM_COUNTS, key=lambda b: abs(b - self.keep_ratio * 576))
-        return [c / 576 * self.keep_ratio * 576 / budget * n_image for c in SPARSEVLM_COUNTS[budget]]
+        return [c * self.keep_ratio / budget * n_image for c in SPARSEVLM_COUNTS[budget]]
 
     def validate(self, ctx) -> None:
         super().validate(ctx)
@@ -575,16 +584,14 @@ class DPN(VisualTokenMethod):
     min_tokens: int = 16
 
     def check(self) -> None:
-        if not self.layers or any(not isinstance(f, (int, float)) or not 0 <= f < 1 for f in self.layers):
-            raise MethodError(f"dpn: layers must be pooling layers as fractions of depth in [0, 1), "
-                              f"got {self.layers!r}")
+        check_depth_fractions(self.name, self.layers)
         if not (isinstance(self.kernel, int) and self.kernel >= 1) or self.pooling not in ("max", "avg"):
             raise MethodError(f"dpn: kernel must be an integer >= 1 and pooling 'max' or 'avg', "
                               f"got kernel={self.kernel!r}, pooling={self.pooling!r}")
 
     def stages(self, n_layers: int) -> list[int]:
         """The layers whose output is pooled."""
-        return sorted({min(n_layers - 2, round(f * n_layers)) for f in self.layers})
+        return layers_after(self.layers, n_layers)
 
     def validate(self, ctx) -> None:
         super().validate(ctx)
