@@ -45,7 +45,8 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 _PUBLIC = {"Inputs": "mmlab.arch", "MethodError": "mmlab.methods.base", "Bundle": "mmlab.models",
            "load": "mmlab.models", "record": "mmlab.recording", "record_rows": "mmlab.recording",
            "Trace": "mmlab.trace",
-           **{name: "mmlab.evaluate" for name in ("arank", "grid", "knob_points", "perplexity", "prefill", "run")}}
+           **{name: "mmlab.evaluate" for name in ("arank", "grid", "knob_points", "perplexity", "prefill", "run",
+                                                   "visual_heads")}}
 _SUBPACKAGES = ("data", "figures", "methods")
 
 
@@ -92,4 +93,4 @@ MODULE_ORDER = [
 
 __version__ = "0.1.0"
 __all__ = ["Bundle", "Inputs", "MethodError", "Trace", "arank", "data", "evaluate", "figures", "grid", "knob_points",
-           "load", "methods", "perplexity", "prefill", "record", "record_rows", "run"]
+           "load", "methods", "perplexity", "prefill", "record", "record_rows", "run", "visual_heads"]

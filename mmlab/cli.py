@@ -56,6 +56,13 @@ def cmd_train_tiny(args) -> int:
     steps = {} if args.steps is None else {"steps": args.steps}
     if args.mod and args.model != "tiny-llava":
         raise ValueError(f"--mod fine-tunes tiny-llava; it does not combine with --model {args.model}")
+    if args.dynamic:  # Dynamic-LLaVA's vision predictor on the frozen model, saved beside its checkpoint
+        from mmlab.tiny.dynamic import train_dynamic
+
+        if args.model == "smol-llava":
+            raise ValueError("--dynamic trains on tiny-llava or tiny-llava-deep (the Llama decoder it writes out)")
+        train_dynamic(args.model, **steps, batch_size=args.batch_size, seed=args.seed, out=args.out)
+        return 0
     if args.model == "smol-llava":
         from mmlab.models import smollm2_dir
         from mmlab.tiny.smol import train as train_smol
@@ -235,6 +242,9 @@ def parser() -> argparse.ArgumentParser:
                    help="instead: fine-tune tiny-llava with Mixture-of-Depths routing -> tiny-llava-pmod / -gmod "
                         "(p-MoD: PRD schedule, per-layer routers; gamma-MoD: ARank-chosen layers, shared router); "
                         "(about 4 minutes on 2 cores)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="instead: train Dynamic-LLaVA's vision predictor on the frozen --model (600 steps), saved "
+                        "beside its checkpoint (method dynamic_llava)")
     p.set_defaults(fn=cmd_train_tiny)
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")

@@ -20,6 +20,7 @@ their stages (``mmlab.methods.base``). Weight quantization is swapped in *around
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
@@ -81,6 +82,26 @@ class Tokens:
     is_image: torch.Tensor  # (n,) bool
     routed: torch.Tensor | None = None  # set by route(): the tokens the next layer processes
     weights: torch.Tensor | None = None  # set by route(): per-token router weights (p-MoD's STRing)
+    allowed: torch.Tensor | None = None  # set by restrict(): (1 | heads, n, n) bool, who attends to whom
+    head_gate: torch.Tensor | None = None  # set by restrict(): (n, heads) factor on each head's output
+
+    def restrict(self, allowed: torch.Tensor, head_gate: torch.Tensor | None = None) -> None:
+        """The *next* layer's attention pattern, in place of the causal rule: ``allowed`` (1 or heads, n, n)
+        bool, True where query row i may attend to key j (the layer's sliding window still applies);
+        ``head_gate`` (n, heads) multiplies each head's attention output of each token before the output
+        projection (0: the head is cut for that token). A mask, not a removal: the tokens are all still
+        computed, the Trace counts the allowed pairs and gated rows apart (``Trace.restricted``)."""
+        n = len(self)
+        if allowed.dtype != torch.bool or allowed.dim() != 3 or allowed.shape[1:] != (n, n):
+            raise MethodError(f"restrict(): allowed must be a (1 or heads, {n}, {n}) bool tensor, "
+                              f"got {tuple(allowed.shape)} {allowed.dtype}")
+        if not allowed.any(-1).all():
+            raise MethodError("restrict(): every query row must be allowed at least one key (itself)")
+        if head_gate is not None and (head_gate.dim() != 2 or head_gate.shape[0] != n):
+            raise MethodError(f"restrict(): head_gate must be (n={n}, heads), got {tuple(head_gate.shape)}")
+        if self.routed is not None:
+            raise MethodError("restrict() and route() in the same layer are not supported")
+        self.allowed, self.head_gate = allowed, head_gate
 
     def __len__(self) -> int:
         return self.hidden.shape[1]
@@ -90,6 +111,8 @@ class Tokens:
         only they write its KV); the others pass it unchanged on the residual stream and stay
         for the layers after. With ``weights`` (n,), the layer computes x + attn + w * mlp for
         routed tokens and w * x for skipped ones (p-MoD's STRing reweighting)."""
+        if self.allowed is not None:
+            raise MethodError("restrict() and route() in the same layer are not supported")
         self.routed, self.weights = self._subset(indices, "route"), weights
 
     def _subset(self, indices, what: str) -> torch.Tensor:
@@ -104,8 +127,9 @@ class Tokens:
         kept token that receives tokens becomes their ``reduce`` ("mean" or "amax", elementwise):
         SparseVLM's recycling, DPN's pooling."""
         idx = self._subset(indices, "keep")
-        if self.routed is not None:
-            raise MethodError("keep() after route() in the same layer: prune first, then route")
+        if self.routed is not None or self.allowed is not None:
+            raise MethodError("keep() after route() / restrict() in the same layer: prune first, then route or "
+                              "restrict")
         if merged_into is not None:
             self.hidden = self._merged(idx, torch.as_tensor(merged_into, device=self.hidden.device).long(), reduce)
         self.hidden = self.hidden.index_select(1, idx)
@@ -143,6 +167,7 @@ class Context:
     scratch: dict = field(default_factory=dict)
     method: str | None = None  # the method whose stage is running (named in errors)
     _layer_inputs: dict = field(default_factory=dict)  # layer -> (hidden_in, (cos, sin), keys) kept on demand
+    _restrictions: dict = field(default_factory=dict)  # layer -> the (1 | heads, n, n) pattern restrict() set
     _scores: dict = field(default_factory=dict)  # memoised score reductions, shared by forks of one prefill
     _rope: tuple | None = None  # (positions, rotary key, (cos, sin)) of the last layer run
     _inputs: object = None  # the encoded sample (for the vision tower's states, on demand)
@@ -183,7 +208,9 @@ class Context:
         hidden, pe, keys = self._layer_inputs[layer]
         rows = torch.arange(hidden.shape[1], device=hidden.device)
         rows = rows[queries if queries is not None else slice(None)].reshape(-1)
-        return self.adapter.attention_logits(layer, hidden, pe, keys, rows)
+        allowed = self._restrictions.get(layer)
+        return self.adapter.attention_logits(layer, hidden, pe, keys, rows,
+                                             None if allowed is None else allowed[:, rows])
 
     def attention(self, layer: int, queries: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Softmax attention probabilities ``(heads, q, k)`` of prefill layer ``layer`` (see ``attention_logits``)."""
@@ -281,6 +308,7 @@ def prefill(bundle, sample, methods: list[Method] | tuple = (), *, attention_lay
                       sample_index=sample_index, keep_inputs=any(m.prefill_attention for m in methods))
     compress(p, methods)
     p.ctx._layer_inputs.clear()
+    p.ctx._restrictions.clear()
     return p
 
 
@@ -308,6 +336,7 @@ def dense_prefill(bundle, sample, methods: list[Method], *, attention_layers=(),
         logits = bundle.adapter.logits(tokens.hidden if all_logits else tokens.hidden[:, -1:])
         if not keep_inputs:
             ctx._layer_inputs.clear()
+            ctx._restrictions.clear()
     ctx.trace.logits = logits[-1].cpu()
     if all_logits:
         ctx.trace.all_logits = logits.cpu()
@@ -369,7 +398,12 @@ def _prefill_layer(adapter, i: int, tokens: Tokens, cache: KVCache, ctx: Context
     hidden_in, positions = tokens.hidden[:, sel], tokens.positions[..., sel]
     pe = _rotary(adapter, ctx, hidden_in, positions if routed is not None else tokens.positions, i)
     mask = adapter.attention_mask(i, 0, hidden_in.shape[1])
-    if weights is None:
+    if tokens.allowed is not None:
+        mask = _restricted(adapter, ctx, i, tokens)
+        with _gated(adapter.attention_output(i), tokens.head_gate):
+            out = _call_layer(adapter.layers[i], hidden_in, positions, pe, cache, mask)
+        tokens.allowed = tokens.head_gate = None
+    elif weights is None:
         out = _call_layer(adapter.layers[i], hidden_in, positions, pe, cache, mask)
     else:
         out = adapter.weighted_layer(i, hidden_in, positions, pe, cache, weights[sel], mask)
@@ -379,6 +413,41 @@ def _prefill_layer(adapter, i: int, tokens: Tokens, cache: KVCache, ctx: Context
         skipped = tokens.hidden if weights is None else tokens.hidden * weights[None, :, None].to(out.dtype)
         tokens.hidden = skipped.index_copy(1, routed, out)
     ctx._layer_inputs[i] = (hidden_in, pe, cache.keys[i])
+
+
+def _restricted(adapter, ctx: Context, i: int, tokens: Tokens) -> torch.Tensor:
+    """Layer i's mask under ``tokens.restrict``: the method's pattern (and the layer's sliding window);
+    the Trace records the allowed (query, key) pairs and the gated rows, per head on average."""
+    allowed, gate, n = tokens.allowed, tokens.head_gate, len(tokens)
+    q, k = torch.arange(n, device=allowed.device)[:, None], torch.arange(n, device=allowed.device)[None, :]
+    own = k <= q  # the layer's own pattern: causal, within its sliding window
+    window = adapter.sliding_window(i)
+    if window is not None:
+        allowed, own = allowed & (q - k < window), own & (q - k < window)
+    ctx._restrictions[i] = allowed
+    heads = ctx.config.num_attention_heads
+    ctx.trace.restricted[i] = {"pairs": float(allowed.sum()) / allowed.shape[0], "own_pairs": float(own.sum()),
+                               "gated": 0.0 if gate is None else float((gate == 0).sum()) / heads}
+    return allowed[None]
+
+
+@contextlib.contextmanager
+def _gated(o_proj: torch.nn.Module, gate: torch.Tensor | None):
+    """Multiply each head's slice of the output projection's input by ``gate`` (n, heads) while inside."""
+    if gate is None:
+        yield
+        return
+
+    def hook(module, args):
+        x = args[0]  # (1, n, heads * head_dim)
+        g = gate.to(x.dtype)
+        return (x.view(*x.shape[:2], g.shape[1], -1).mul(g[None, :, :, None]).view(x.shape), *args[1:])
+
+    handle = o_proj.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _rotary(adapter, ctx: Context, hidden, positions, i: int):

@@ -64,6 +64,7 @@ class EvalResult:
     accuracy: float  # overall, 0..1
     by_type: dict[str, float]  # question type -> accuracy
     flops: float  # mean prefill FLOPs of the language model (from the Traces' token counts)
+    sparse_flops: float  # ... with restricted attention counted as a sparse kernel would run it (flops.py)
     kv_bytes: float  # mean KV-cache bytes held after prefill
     vision_retention: float  # mean over layers of the fraction of visual tokens each layer processed
     prefill_ms: float  # median prefill wall-clock
@@ -85,7 +86,8 @@ class EvalResult:
 
     def metrics(self) -> dict[str, float]:
         """Flat metrics for ``mmlab.record`` / tables."""
-        out = {"accuracy": self.accuracy, "tflops": self.tflops, "kv_bytes": self.kv_bytes,
+        out = {"accuracy": self.accuracy, "tflops": self.tflops, "sparse_tflops": self.sparse_flops / 1e12,
+               "kv_bytes": self.kv_bytes,
                "vision_retention": self.vision_retention,
                "prefill_ms": self.prefill_ms, "prefill_ms_spread": self.prefill_ms_spread, "method_ms": self.method_ms,
                "decode_ms": self.decode_ms, "n": self.n}
@@ -99,7 +101,8 @@ def _sample_row(i: int, s, tr: Trace) -> dict:
     img = tr.image_tokens_per_layer()
     return {"uid": getattr(s, "uid", i), "qtype": getattr(s, "qtype", "all"), "answer": s.answer,
             "pred": tr.answer, "correct": is_correct(tr.answer, s),
-            "prefill_flops": tr.flops["prefill"], "kv_bytes": tr.kv_bytes,
+            "prefill_flops": tr.flops["prefill"], "prefill_sparse_flops": tr.flops["prefill_sparse"],
+            "kv_bytes": tr.kv_bytes,
             "prefill_ms": tr.timings["prefill_ms"], "method_ms": tr.timings.get("method_ms", 0.0),
             "decode_ms": tr.timings.get("decode_ms_per_token", float("nan")), "image_tokens": img[0],
             "vision_retention": sum(img) / len(tr.layer_tokens) / max(1, tr.n_image_tokens_in),
@@ -156,6 +159,7 @@ def _result(rows: list[dict], weight_bits: float = float("nan")) -> EvalResult:
         accuracy=sum(r["correct"] for r in rows) / len(rows),
         by_type={k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         flops=statistics.fmean(r["prefill_flops"] for r in rows),
+        sparse_flops=statistics.fmean(r["prefill_sparse_flops"] for r in rows),
         kv_bytes=statistics.fmean(r["kv_bytes"] for r in rows),
         vision_retention=statistics.fmean(r["vision_retention"] for r in rows),
         prefill_ms=statistics.median(r["prefill_ms"] for r in rows),
@@ -384,6 +388,7 @@ def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseli
                 df.loc[df.method == "none", col] = 1.0
         if "tflops" in df:
             df["flops_ratio"] = df.tflops[df.method == "none"].iloc[0] / df.tflops
+            df["sparse_flops_ratio"] = df.tflops[df.method == "none"].iloc[0] / df.sparse_tflops
     return df
 
 
@@ -420,3 +425,24 @@ def arank(bundle, samples) -> list[float]:
         for i in layers:
             per_layer[i].append(attention_rank(tr.attentions[i]))
     return [statistics.fmean(v) for v in per_layer]
+
+
+def visual_heads(bundle, samples) -> torch.Tensor:
+    """(layers, heads): how much each attention head of the LLM reads the image, averaged over
+    ``samples`` (a calibration set, never the evaluated one): the attention mass that queries from the
+    first visual token on put on visual keys, in the prefill. Stored in ``bundle.extras["visual_heads"]``,
+    where YOPO's head cut reads it (``mmlab.methods.get("yopo")``). Scores are recomputed beside SDPA."""
+    layers = list(range(bundle.n_layers))
+    total, n = None, 0
+    for s in samples:
+        tr = engine.run(bundle, s, attention_layers=layers, max_new_tokens=1)
+        is_img = tr.modality >= 0
+        if not is_img.any():
+            raise MethodError(f"visual_heads needs image samples; sample {n} of {bundle.name!r} has no image")
+        first = int(torch.nonzero(is_img)[0])
+        per = torch.stack([tr.attentions[i][:, first:][..., is_img].sum(-1).mean(-1) for i in layers])
+        total, n = (per if total is None else total + per), n + 1
+    if n == 0:
+        raise MethodError("visual_heads needs at least one calibration sample")
+    bundle.extras["visual_heads"] = total / n
+    return bundle.extras["visual_heads"]

@@ -175,6 +175,16 @@ def load_routers(path: Path):
     return r.eval()
 
 
+def load_predictor(path: Path):
+    """Dynamic-LLaVA's trained vision predictor shipped beside a checkpoint (``mmlab train-tiny --dynamic``)."""
+    from mmlab.methods.token_pruning import VisionPredictor
+
+    info = json.loads((path / "dynamic_llava.json").read_text())
+    p = VisionPredictor(**info["dims"])
+    p.load_state_dict(torch.load(path / "dynamic_llava.pt", weights_only=True))
+    return p.eval()
+
+
 def _load_tiny(name: str) -> Bundle:
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
@@ -186,6 +196,8 @@ def _load_tiny(name: str) -> Bundle:
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     extras = {"mod": load_routers(path)} if (path / "routers.pt").exists() else {}
+    if (path / "dynamic_llava.pt").exists():
+        extras["dynamic_llava"] = load_predictor(path)
     return Bundle.from_model(model, tok, name=name, adapter="tiny-llava", max_new_tokens=3, extras=extras)
 
 

@@ -396,6 +396,31 @@ def mod_accuracy(df: pd.DataFrame):
     return fig
 
 
+def yopo_cuts(df: pd.DataFrame):
+    """YOPO's cuts alone (one line per cut, over its setting) and together: accuracy against the prefill
+    FLOPs a sparse kernel would do (the masks' allowed pairs; removed tokens), as a reduction factor."""
+    import matplotlib.pyplot as plt
+
+    rows = task_rows(df, "cuts")
+    dense = rows[rows.cut == "none"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for name, g in rows[~rows.cut.isin(["none", "combined"])].groupby("cut", sort=False):
+        g = g.sort_values("sparse_flops_ratio")
+        ax.plot(g.sparse_flops_ratio, g.accuracy * 100, marker="o", label=name)
+        for r in g.itertuples():
+            ax.annotate(f"{r.setting:g}", (r.sparse_flops_ratio, r.accuracy * 100), fontsize=6, color="0.35",
+                        xytext=(3, 2), textcoords="offset points")
+    for r in rows[rows.cut == "combined"].itertuples():
+        ax.plot([r.sparse_flops_ratio], [r.accuracy * 100], marker="*", ms=11, ls="", label=f"all three: {r.method}")
+    if len(dense):
+        ax.axhline(dense.accuracy.iloc[0] * 100, color="k", ls="--", lw=1, label="no cut")
+    ax.set_xlabel("LLM prefill FLOPs reduction (x, sparse-kernel count)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{_model(df)}: YOPO's cuts ({int(rows.n.max())} samples)")
+    _legend(ax)
+    return fig
+
+
 def routed_tokens(df: pd.DataFrame):
     """The schedule as executed on one test image: visual tokens per layer, and which were routed."""
     import matplotlib.pyplot as plt
@@ -529,6 +554,8 @@ FIGURES = {
     "smol_mod_accuracy": ("mod_ratios_smol", mod_accuracy),
     "smol_kv_multi_image": ("kv_cache_smol", kv_multi_image),
     "03_routed_tokens": ("mod_ratios", routed_tokens),
+    "yopo_cuts": ("yopo", yopo_cuts),
+    "deep_yopo_cuts": ("yopo_deep", yopo_cuts),
     "benchmarks_accuracy_vs_tflops": ("benchmarks", bench_accuracy_vs_tflops),
 }
 

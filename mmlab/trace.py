@@ -39,6 +39,10 @@ class Trace:
     decode_kv_lengths: list[list[int]] = field(default_factory=list)
     kv_bytes: int = 0  # bytes of the cache tensors held after prefill + after_prefill methods
     kv_bytes_final: int = 0  # ... and at the end of decoding
+    # layers whose attention a method restricted (Tokens.restrict): layer -> {"pairs": allowed (query, key)
+    # pairs, "gated": (token, head) outputs cut, both per head on average; "own_pairs": the layer's own
+    # causal (windowed) pattern's pairs}
+    restricted: dict[int, dict[str, float]] = field(default_factory=dict)
     attentions: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (heads, q, k) probs
     timings: dict[str, float] = field(default_factory=dict)  # prefill_ms, decode_ms_per_token, ...
     dims: dict[str, int] = field(default_factory=dict)  # model dimensions the FLOPs counter needs

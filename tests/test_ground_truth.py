@@ -23,6 +23,8 @@ NOOP = {
     "aim": {"keep_ratio": 1.0, "prune_from": 1.0, "prune_to": 2.0},
     "sparsevlm": {"keep_ratio": 1.0},
     "dpn": {"kernel": 1},
+    "yopo": {"window": None, "head_keep": 1.0, "layer_cut": 1.0},
+    "dynamic_llava": {"keep_ratio": 1.0},
     "streamingllm": {"budget": 1.0},
     "h2o": {"budget": 1.0},
     "snapkv": {"budget": 1.0},

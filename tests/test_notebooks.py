@@ -30,7 +30,8 @@ SMALLER = {"02_kv_merging.ipynb": {"needle_lengths": [256], "needle_depths": [0.
                                      "sections": ["weights", "activations", "kernels", "tiny_llava", "kv_cache"],
                                      "calib_samples": 2, "windows": 1, "tiny_bits": [4], "kv_bits": [4],
                                      "kv_window": 512, "kv_context": 384, "kv_windows": 1,
-                                     "torchao_check": False}}
+                                     "torchao_check": False},
+           "07_yopo.ipynb": {"windows": [3], "head_keeps": [0.5], "layer_cuts": [0.5], "n_calibration": 2}}
 
 
 # what each notebook hands to its sweep: scalar metrics, and the tasks of its recorded table
@@ -44,7 +45,8 @@ RECORDS = {"00_baseline.ipynb": ({"accuracy", "tflops", "kv_bytes", "acc_color",
                                    {"arank", "configs", "routed"}),
            "04_quantization.ipynb": (set(), {"weights", "weights_activations", "tiny_llava", "kv_cache"}),
            "05_explorer.ipynb": (set(), set()),
-           "06_benchmarks.ipynb": (set(), {"mmlab_shapes"})}
+           "06_benchmarks.ipynb": (set(), {"mmlab_shapes"}),
+           "07_yopo.ipynb": ({"dense_accuracy"}, {"cuts", "heads"})}
 
 
 CELL_TIMEOUT = 900  # seconds per cell: a lost kernel reply fails the test instead of hanging CI

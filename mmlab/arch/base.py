@@ -219,11 +219,16 @@ class Adapter:
                               f"({type(attn).__name__}), which the {self.name} adapter cannot recompute "
                               f"exactly (it knows {', '.join(self.attention_classes) or 'none'})")
 
+    def attention_output(self, layer: int) -> torch.nn.Module:
+        """The module whose input is the concatenation of the heads' outputs (1, n, heads * head_dim)."""
+        return self.layers[layer].self_attn.o_proj
+
     def attention_logits(self, layer: int, hidden: torch.Tensor, pe, keys: torch.Tensor,
-                         rows: torch.Tensor) -> torch.Tensor:
+                         rows: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-softmax scores (heads, len(rows), n) of ``layer`` for the query ``rows`` of its input
         ``hidden`` (1, n, d), against its own rotated prefill ``keys``; masked entries are -inf.
-        Follows the module: per-head q_norm, its ``scaling``, logit softcapping, sliding window."""
+        Follows the module: per-head q_norm, its ``scaling``, logit softcapping, sliding window.
+        ``allowed`` (1 or heads, len(rows), n), where a method restricted the layer, replaces the causal rule."""
         block = self.layers[layer]
         attn = block.self_attn
         n = hidden.shape[1]
@@ -241,6 +246,8 @@ class Adapter:
         if cap is not None:
             scores = torch.tanh(scores / cap) * cap
         ki = torch.arange(n, device=hidden.device)[None, :]
+        if allowed is not None:  # the window is already part of a restricted pattern
+            return scores.masked_fill_(~allowed[None], float("-inf"))[0]
         masked = ki > rows[:, None]
         window = self.sliding_window(layer)
         if window is not None:

@@ -28,7 +28,10 @@ Stages, in the order they are called:
     ``tokens.keep(indices)`` physically drops the others from this layer on (``merged_into=``
     pools dropped tokens into kept ones, ``reduce=`` "mean" or "amax"),
     ``tokens.route(indices, weights=None)`` (Mixture-of-Depths) lets only those through this
-    one layer while the others ride the residual stream. ``ctx.attention(layer - 1, queries)``
+    one layer while the others ride the residual stream; ``tokens.restrict(allowed, head_gate=None)``
+    sets this one layer's attention pattern ((1 | heads, n, n) bool, in place of the causal rule) and
+    cuts heads' outputs per token (a mask: counted apart as ``prefill_sparse`` FLOPs, YOPO's cuts).
+    ``ctx.attention(layer - 1, queries)``
     gives attention probabilities of the previous layer (recomputed by the model's adapter for
     those queries only; the model stays on SDPA).
 ``after_prefill(ctx, cache)``
@@ -107,6 +110,8 @@ class LiveTokens(Protocol):
 
     def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> None: ...
 
+    def restrict(self, allowed: torch.Tensor, head_gate: torch.Tensor | None = None) -> None: ...
+
 
 class QuantizedPrefix(Protocol):
     """One layer's quantized oldest tokens (see the ``quantized`` contract above)."""
@@ -181,11 +186,15 @@ class Method:
         Weight methods are validated with ``ctx=None`` before calibration."""
         self.check()  # a field may have been changed since construction
         for key, (what, hint) in self.requires.items():
-            if ctx is not None and key not in ctx.extras:
-                raise MethodError(f"{self.name} routes with {what} and {ctx.model_name!r} has none; {hint}")
+            if ctx is not None and key not in ctx.extras and not self.keeps_everything():
+                raise MethodError(f"{self.name} needs {what} and {ctx.model_name!r} has none; {hint}")
         if self.needs_image and not ctx.has_image:
             raise MethodError(f"{self.name} prunes visual tokens but this input has no image "
                               f"(model {ctx.model_name!r}); use it with a multimodal model and an image sample")
+
+    def keeps_everything(self) -> bool:
+        """True at a setting that changes nothing (it then runs without the extras it ``requires``)."""
+        return False
 
     def for_model(self, wctx: WeightContext) -> "Method":
         """The method as it runs on this model's linears (a weight quantizer may adapt a parameter

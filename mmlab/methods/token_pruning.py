@@ -620,3 +620,201 @@ class DPN(VisualTokenMethod):
             into[block[cell >= 0]] = block[rep.to(block.device)][cell[cell >= 0]]
             kept.append(block[rep.to(block.device)])
         tokens.keep(torch.cat(kept), merged_into=into, reduce="amax" if self.pooling == "max" else "mean")
+
+
+# YOPO's LLaVA-1.5-13B setting (official zhaowt61/YOPO_MLLM_Pruning_fork, ``finetune_yopo.sh`` and
+# ``modeling_llama_prune.py``): attncut_w 5, layercut_num 20 of 40 layers, headcut_num 30 of 40 heads
+# per layer on average (its shipped masks keep every head of layers 0 and 1).
+def neighbour_mask(rows: int, cols: int, window: int) -> torch.Tensor:
+    """(rows*cols, rows*cols) bool over a row-major grid: True where two cells lie within each other's
+    ``window`` x ``window`` neighbourhood (|d row| and |d col| <= (window - 1) // 2), in both directions."""
+    r = torch.arange(rows).repeat_interleave(cols)
+    c = torch.arange(cols).repeat(rows)
+    half = (window - 1) // 2
+    return ((r[:, None] - r[None, :]).abs() <= half) & ((c[:, None] - c[None, :]).abs() <= half)
+
+
+def yopo_heads(activity: torch.Tensor, keep: float, full_layers: int) -> torch.Tensor:
+    """(layers, heads) bool: the heads that still see visual tokens. Every head of the first
+    ``full_layers`` layers, then the most image-reading heads of the other layers, chosen across layers,
+    up to ``keep`` of all heads in total (ties: the earlier layer, then the lower head)."""
+    n_layers, n_heads = activity.shape
+    full = min(full_layers, n_layers)
+    kept = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    kept[:full] = True
+    rest = activity[full:].flatten().float()
+    k = max(0, min(rest.numel(), round(keep * n_layers * n_heads) - full * n_heads))
+    order = sorted(range(rest.numel()), key=lambda j: (-float(rest[j]), j))[:k]
+    kept[full:].view(-1)[torch.tensor(order, dtype=torch.long)] = True
+    return kept
+
+
+def grid_cells(ctx, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, cell) of every live token: the image it belongs to (-1: text) and its row-major cell in that
+    image's token grid (0 for text). Source indices count every image's full grid (``Trace``), so a
+    token's cell is its offset from its image's first source index, whatever was removed."""
+    modality = ctx.trace.modality.to(tokens.source.device)
+    image = modality[tokens.source]
+    cell = torch.zeros_like(tokens.source)
+    for k in image[tokens.is_image].unique().tolist():
+        mine = image == k
+        cell[mine] = tokens.source[mine] - int(torch.nonzero(modality == k)[0])
+    return image, cell
+
+
+@register
+@dataclass
+class YOPO(VisualTokenMethod):
+    """YOPO: "Treat Visual Tokens as Text? But Your MLLM Only Needs Fewer Efforts to See" (Zhang et al.,
+    2024), its three training-free cuts of visual computation.
+
+    Rule: (1) a visual token attends to visual tokens only inside its ``window`` x ``window`` grid
+    neighbourhood (both directions, as the official local mask; text rows stay causal); (2) in each layer
+    only the heads that read the image most (``mmlab.visual_heads`` on a calibration set, ``head_keep`` of
+    all heads, every head of the first ``full_head_layers``) see visual tokens: elsewhere no query
+    attends to them and their own output of that head is cut; (3) from ``layer_cut`` of depth on, the
+    visual tokens are gone. None / 1.0 turns a cut off. Cuts 1-2 are masks (counted by
+    ``Trace.restricted`` for ``prefill_sparse`` FLOPs); cut 3 removes the tokens.
+    """
+
+    name: ClassVar[str] = "yopo"
+    knob: ClassVar[str | None] = None  # three cuts, each with its own setting
+    window: int | None = 5
+    head_keep: float = 0.75
+    layer_cut: float = 0.5
+    full_head_layers: int = 2
+
+    def check(self) -> None:
+        if self.window is not None and not (isinstance(self.window, int) and self.window >= 1 and self.window % 2):
+            raise MethodError(f"yopo: window must be an odd integer >= 1 (5 in the paper) or None (no "
+                              f"neighbourhood cut), got {self.window!r}")
+        check_ratio(self.name, self.head_keep, "head_keep")
+        check_ratio(self.name, self.layer_cut, "layer_cut")
+        if not (isinstance(self.full_head_layers, int) and self.full_head_layers >= 0):
+            raise MethodError(f"yopo: full_head_layers must be an integer >= 0, got {self.full_head_layers!r}")
+
+    def cut_layer(self, n_layers: int) -> int | None:
+        """The first layer without visual tokens (None: they stay to the end)."""
+        return None if self.layer_cut >= 1 else max(1, round(self.layer_cut * n_layers))
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        if self.window is not None and ctx.image_grid is None:
+            raise MethodError(f"yopo's neighbourhood cut needs a 2-D visual-token grid, and {ctx.model_name!r} "
+                              f"has none; use window=None")
+        heads = (ctx.n_layers, ctx.config.num_attention_heads)
+        if self.head_keep < 1 and tuple(getattr(ctx.extras.get("visual_heads"), "shape", ())) != heads:
+            raise MethodError(f"yopo's head cut ranks heads by how much they read the image, and "
+                              f"{ctx.model_name!r} has no such calibration of its {heads[0]}x{heads[1]} heads: "
+                              f"call mmlab.visual_heads(bundle, calibration_samples) first, or use head_keep=1.0")
+
+    def before_layer(self, ctx, layer, tokens):
+        cut = self.cut_layer(ctx.n_layers)
+        if layer == cut and tokens.is_image.any():
+            tokens.keep(torch.nonzero(~tokens.is_image).flatten())
+        if (cut is not None and layer >= cut) or not tokens.is_image.any():
+            return
+        if layer == 0 and self.head_keep < 1:
+            ctx.scratch["yopo_heads"] = yopo_heads(ctx.extras["visual_heads"], self.head_keep, self.full_head_layers)
+            ctx.trace.extra["yopo_heads"] = ctx.scratch["yopo_heads"]
+        cut_heads = ~ctx.scratch["yopo_heads"][layer] if self.head_keep < 1 else None
+        if self.window is None and (cut_heads is None or not cut_heads.any()):
+            return
+        allowed = self._neighbours(ctx, tokens)[None]
+        gate = None
+        if cut_heads is not None and cut_heads.any():
+            allowed, gate = self._cut_heads(allowed, tokens.is_image, cut_heads.to(allowed.device))
+        tokens.restrict(allowed, gate)
+
+    def _neighbours(self, ctx, tokens) -> torch.Tensor:
+        """(n, n): causal, with visual-to-visual pairs allowed only within one image's neighbourhood, by
+        each token's cell in its image's grid (tokens another method removed leave holes)."""
+        n, dev = len(tokens), tokens.hidden.device
+        allowed = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        if self.window is None:
+            return allowed
+        image, cell = grid_cells(ctx, tokens)
+        local = neighbour_mask(*ctx.image_grid, self.window).to(dev)  # (cells, cells)
+        near = local[cell[:, None], cell[None, :]] & (image[:, None] == image[None, :])
+        both = tokens.is_image[:, None] & tokens.is_image[None, :]
+        return torch.where(both, near, allowed)
+
+    @staticmethod
+    def _cut_heads(allowed, is_image, cut):
+        """In the cut heads no query sees a visual key (a visual query keeps itself, whose output is cut)."""
+        heads = cut.numel()
+        allowed = allowed.expand(heads, -1, -1).clone()
+        blind = allowed[cut]  # (cut heads, n, n)
+        blind[:, :, is_image] = False
+        img = torch.nonzero(is_image).flatten()
+        blind[:, img, img] = True
+        allowed[cut] = blind
+        gate = torch.ones(len(is_image), heads, device=allowed.device)
+        gate[is_image[:, None] & cut[None, :]] = 0
+        return allowed, gate
+
+
+class VisionPredictor(torch.nn.Module):
+    """Dynamic-LLaVA's image predictor (official Osilly/dynamic_llava, ``VisionPredictor``): LayerNorm ->
+    Linear(d, d_model) -> GELU, two pre-norm transformer blocks, each token's first half of features beside
+    the image's mean second half (local / global), then an MLP to 2 logits (keep, drop) per visual token.
+    LLaVA-7B: d 4096, d_model 512, 8 heads, feed-forward 2048; the embedded models scale d_model to width."""
+
+    def __init__(self, d: int, d_model: int = 512, heads: int = 8, ff: int = 2048, blocks: int = 2):
+        super().__init__()
+        self.dims = {"d": d, "d_model": d_model, "heads": heads, "ff": ff, "blocks": blocks}
+        self.down = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, d_model), torch.nn.GELU())
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0, activation="gelu", batch_first=True,
+                                             norm_first=True) for _ in range(blocks))
+        self.out = torch.nn.Sequential(torch.nn.Linear(d_model, d_model // 2), torch.nn.GELU(),
+                                       torch.nn.Linear(d_model // 2, d_model // 4), torch.nn.GELU(),
+                                       torch.nn.Linear(d_model // 4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n_img, d) visual hidden states -> (B, n_img, 2) logits (column 0: keep)."""
+        h = self.down(x)
+        for block in self.blocks:
+            h = block(h)
+        half = h.shape[-1] // 2
+        glob = h[..., half:].mean(1, keepdim=True).expand(-1, h.shape[1], -1)
+        return self.out(torch.cat([h[..., :half], glob], -1))
+
+
+@register
+@dataclass
+class DynamicLLaVA(VisualTokenMethod):
+    """Dynamic-LLaVA (Huang et al., ICLR 2025), its prefill half: a learned predictor prunes the image.
+
+    Rule: before layer ``layer`` (2 of 32 in the paper, a fraction of depth here) a trained
+    ``VisionPredictor`` scores every visual token of each image from its hidden state; the top
+    ``keep_ratio`` by the keep log-probability stay (official ``vision_keep_rate`` 0.2), the rest are
+    removed from that layer on. The predictor ships with the checkpoint (``mmlab train-tiny --dynamic``).
+    """
+
+    name: ClassVar[str] = "dynamic_llava"
+    requires: ClassVar[dict] = {"dynamic_llava": ("a trained vision predictor", "use tiny-llava-deep (it ships "
+                                                  "one) or train one: mmlab train-tiny --dynamic --model NAME")}
+    keep_ratio: float = 0.2
+    layer: float = 2 / 32
+
+    def check(self) -> None:
+        super().check()
+        check_depth_fractions(self.name, [self.layer])
+
+    def keeps_everything(self) -> bool:
+        return self.keep_ratio >= 1
+
+    def before_layer(self, ctx, layer, tokens):
+        if layer != round(self.layer * ctx.n_layers) or self.keep_ratio >= 1:
+            return
+        predictor = ctx.extras["dynamic_llava"]
+        image = ctx.trace.modality.to(tokens.source.device)[tokens.source]
+        kept = [torch.nonzero(image < 0).flatten()]
+        for k in image[tokens.is_image].unique():
+            idx = torch.nonzero(image == k).flatten()
+            x = tokens.hidden[:, idx].to(next(predictor.parameters()).dtype)
+            score = torch.log_softmax(predictor(x).float(), -1)[0, :, 0]
+            n_keep = max(1, int(idx.numel() * self.keep_ratio))  # official: int(init_image_n * vision_keep_rate)
+            kept.append(idx[score.topk(n_keep).indices])
+        tokens.keep(torch.cat(kept).sort().values)

@@ -1,0 +1,134 @@
+"""Dynamic-LLaVA's vision predictor, trained on an embedded VLM (``mmlab train-tiny --dynamic``).
+
+The recipe of the official code (Osilly/dynamic_llava, ``dynamic_modeling_llama.py`` and
+``run/train_dynamic_llava_7b.sh``): at the sparse layer the predictor's keep / drop logits are sampled
+with a hard Gumbel-softmax (straight-through), the decision masks the dropped visual tokens as keys in
+every later layer (``softmax_with_policy``: exp(scores) x policy, each token still sees itself), and the
+loss is the answer's cross-entropy + 100 x (keep rate - mean decision)^2; Gumbel temperature 1 -> 0.1,
+predictor learning rate 2e-4. Deviation: the LLM stays frozen (the official run also fine-tunes it at
+5e-6 for one epoch of LLaVA-665k), so the shipped model is the base model plus the predictor, which is
+saved beside its checkpoint (``dynamic_llava.pt`` + ``.json``) and loaded into ``bundle.extras``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mmlab.methods.token_pruning import VisionPredictor
+
+VISION_KEEP_RATE = 0.2  # official vision_keep_rate
+MASK_LOSS_WEIGHT = 100.0
+SPARSE_LAYER = 2 / 32  # official sparse_layer 2 of LLaVA-7B's 32
+
+
+def softmax_with_policy(scores: torch.Tensor, policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The official ``softmax_with_policy``: scores (B, H, n, n), policy (B, n) in {0, 1} (differentiable);
+    a key's weight is multiplied by its policy, every token keeps itself."""
+    n = policy.shape[1]
+    eye = torch.eye(n, dtype=scores.dtype, device=scores.device)[None, None]
+    pol = policy[:, None, None, :].to(scores.dtype)
+    pol = pol + (1.0 - pol) * eye
+    w = (scores - scores.amax(-1, keepdim=True)).float().exp() * pol.float()
+    return ((w + eps / n) / (w.sum(-1, keepdim=True) + eps)).to(scores.dtype)
+
+
+def policy_layer(block, h: torch.Tensor, pe, policy: torch.Tensor) -> torch.Tensor:
+    """One Llama decoder layer written out with the policy softmax (causal, batch of equal lengths)."""
+    attn = block.self_attn
+    b, n, _ = h.shape
+    x = block.input_layernorm(h)
+    q, k, v = (proj(x).view(b, n, -1, attn.head_dim).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj,
+                                                                                  attn.v_proj))
+    q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(q, k, *pe)
+    k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    causal = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()
+    scores = ((q @ k.transpose(-1, -2)) * attn.scaling).masked_fill(~causal, float("-inf"))
+    o = (softmax_with_policy(scores, policy) @ v).transpose(1, 2).reshape(b, n, -1)
+    h = h + attn.o_proj(o)
+    return h + block.mlp(block.post_attention_layernorm(h))
+
+
+def policy_forward(model, embeds: torch.Tensor, predictor: VisionPredictor, img: slice, layer: int, tau: float):
+    """The LLM on ``embeds`` (B, n, d), visual tokens at ``img``: frozen layers up to ``layer``, the predictor's
+    Gumbel decision there, policy attention after. Returns (final hidden states, decisions (B, n_img))."""
+    lm = model.model.language_model
+    b, n, _ = embeds.shape
+    pos = torch.arange(n).expand(b, -1)
+    pe = lm.rotary_emb(embeds, pos)
+    h = embeds
+    with torch.no_grad():
+        for block in lm.layers[:layer]:
+            out = block(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
+            h = out[0] if isinstance(out, tuple) else out
+    logits = predictor(h[:, img])
+    keep = F.gumbel_softmax(F.log_softmax(logits, -1), tau=tau, hard=True)[..., 0]  # (B, n_img)
+    policy = torch.cat([torch.ones(b, img.start), keep, torch.ones(b, n - img.stop)], 1)
+    for block in lm.layers[layer:]:
+        h = policy_layer(block, h, pe, policy)
+    return lm.norm(h), keep
+
+
+def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_size: int = 32, lr: float = 2e-4,
+                  d_model: int = 128, seed: int = 0, out: Path | str | None = None) -> Path:
+    """Train a vision predictor on the frozen ``model_name`` (an embedded tiny VLM); writes it beside the
+    checkpoint (or into ``out``) and returns that folder."""
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR
+    from mmlab.models import load
+    from mmlab.tiny.train import image_embeds, image_features, make_batch
+
+    bundle = load(model_name)
+    model, tokenizer = bundle.model, bundle.tokenizer
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    torch.manual_seed(seed)
+    d = model.config.text_config.hidden_size
+    predictor = VisionPredictor(d, d_model=d_model, heads=8, ff=4 * d_model).train()
+    n_layers = len(model.model.language_model.layers)
+    layer = round(SPARSE_LAYER * n_layers)
+    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, int(0.03 * steps))  # official warmup_ratio 0.03, then cosine
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    system, n_img = getattr(model.config, "mmlab_system_prompt", None), model.config.image_seq_length
+    t0, ema, rate = time.time(), None, None
+    bar = tqdm(range(steps), desc=f"train-tiny --dynamic {model_name}", mininterval=5)
+    for step in bar:
+        tau = 1.0 + (0.1 - 1.0) * step / max(1, steps - 1)  # official gumbel tau 1 -> 0.1, linear
+        ids, labels, px, _, image_index = make_batch(tokenizer, range(step * (batch_size // 4), (step + 1)
+                                                                      * (batch_size // 4)), seed + 11, n_img, system)
+        where = torch.nonzero(ids[0] == model.config.image_token_id).flatten()
+        img = slice(int(where[0]), int(where[-1]) + 1)
+        with torch.no_grad():
+            embeds = image_embeds(model, ids, image_features(model, px)[image_index])
+        hidden, keep = policy_forward(model, embeds, predictor, img, layer, tau)
+        logits = model.lm_head(hidden)
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        mask_loss = ((VISION_KEEP_RATE - keep.mean(1)) ** 2).mean()
+        loss = ce + MASK_LOSS_WEIGHT * mask_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema = ce.item() if ema is None else 0.98 * ema + 0.02 * ce.item()
+        rate = keep.mean().item() if rate is None else 0.98 * rate + 0.02 * keep.mean().item()
+        if step % 25 == 0:
+            bar.set_postfix(ce=f"{ema:.3f}", keep=f"{rate:.3f}", tau=f"{tau:.2f}")
+    out = Path(out or CHECKPOINT_DIR / model_name)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(predictor.state_dict(), out / "dynamic_llava.pt")
+    info = {"model": model_name, "dims": predictor.dims, "layer": layer, "sparse_layer_fraction": SPARSE_LAYER,
+            "vision_keep_rate": VISION_KEEP_RATE, "mask_loss_weight": MASK_LOSS_WEIGHT, "steps": steps,
+            "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1),
+            "final_ce": round(ema, 4), "final_keep_rate": round(rate, 4)}
+    (out / "dynamic_llava.json").write_text(json.dumps(info, indent=1))
+    print(f"trained the Dynamic-LLaVA predictor on {model_name}: {steps} steps in {time.time() - t0:.0f} s, "
+          f"answer CE {ema:.4f}, keep rate {rate:.3f} -> {out}")
+    return out
