@@ -330,6 +330,7 @@ def dense_prefill(bundle, sample, methods: list[Method], *, attention_layers=(),
                 _call_stage(ctx, m, "before_layer", stage_ms, i, tokens)
             if not keep_inputs:
                 ctx._layer_inputs.pop(i - 2, None)  # scores stay available one layer back only
+                ctx._restrictions.pop(i - 2, None)
             _prefill_layer(bundle.adapter, i, tokens, cache, ctx)
             if i in attention_layers:
                 ctx.trace.attentions[i] = ctx.attention(i).cpu()

@@ -26,7 +26,7 @@ SMALLER = {"02_kv_merging.ipynb": {"needle_lengths": [256], "needle_depths": [0.
                                    "ppl_windows": 1, "window": 512, "context": 384, "budgets": [0.5]},
            "03_mod_ratios.ipynb": {"calibration": 2, "constant_ratios": [0.5]},
            "04_quantization.ipynb": {"bits": [4], "group_sizes": [None, 64], "calibrated": ["gptq"],
-                                     "calibrated_bits": [3], "calibrated_groups": [64],
+                                     "calibrated_bits": [4], "calibrated_groups": [64],
                                      "sections": ["weights", "activations", "kernels", "tiny_llava", "kv_cache"],
                                      "calib_samples": 2, "windows": 1, "tiny_bits": [4], "kv_bits": [4],
                                      "kv_window": 512, "kv_context": 384, "kv_windows": 1,

@@ -62,7 +62,7 @@ def test_the_shipped_checkpoint_is_trained(smol_llava):
 def test_training_lowers_the_loss_and_resumes_exactly(tmp_path):
     from mmlab.tiny.smol import train
 
-    kw = dict(steps=6, images_per_step=2, eval_every=0, save_every=100, lr=3e-3)
+    kw = dict(steps=6, images_per_step=2, eval_every=0, save_every=100, lr=3e-3, align_steps=3, align_images=2)
     train(smollm2_dir(), out=tmp_path / "a", **kw)
     losses = json.loads((tmp_path / "a" / "training.json").read_text())["losses"]
     assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]), losses
