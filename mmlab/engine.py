@@ -9,7 +9,8 @@
            -> Trace
 
 Tokens removed by a method are physically gone from every later layer (and from those
-layers' KV cache); nothing is masked. Positions are carried with the tokens, so a token
+layers' KV cache); nothing is masked, except where a method asks for a different attention
+pattern itself (``Tokens.restrict``, YOPO), which the Trace counts apart (``Trace.restricted``). Positions are carried with the tokens, so a token
 keeps its RoPE position when others are dropped; decoding continues from the last
 prompt token's position + 1. One sample at a time (batch size 1).
 
