@@ -10,9 +10,9 @@
 
 Tokens removed by a method are physically gone from every later layer (and from those
 layers' KV cache); nothing is masked, except where a method asks for a different attention
-pattern itself (``Tokens.restrict``, YOPO), which the Trace counts apart (``Trace.restricted``). Positions are carried with the tokens, so a token
-keeps its RoPE position when others are dropped; decoding continues from the last
-prompt token's position + 1. One sample at a time (batch size 1).
+pattern itself (``Tokens.restrict``, YOPO), which the Trace counts apart (``Trace.restricted``).
+Positions are carried with the tokens, so a token keeps its RoPE position when others are
+dropped; decoding continues from the last prompt token's position + 1. One sample at a time (batch size 1).
 
 The engine sees a model only through its adapter (``mmlab.arch``) and methods only through
 their stages (``mmlab.methods.base``). Weight quantization is swapped in *around* it
@@ -399,16 +399,14 @@ def _prefill_layer(adapter, i: int, tokens: Tokens, cache: KVCache, ctx: Context
     ctx.trace.layer_tokens.append(tokens.source[sel])
     hidden_in, positions = tokens.hidden[:, sel], tokens.positions[..., sel]
     pe = _rotary(adapter, ctx, hidden_in, positions if routed is not None else tokens.positions, i)
-    mask = adapter.attention_mask(i, 0, hidden_in.shape[1])
-    if tokens.allowed is not None:
-        mask = _restricted(adapter, ctx, i, tokens)
-        with _gated(adapter.attention_output(i), tokens.head_gate):
+    mask = (adapter.attention_mask(i, 0, hidden_in.shape[1]) if tokens.allowed is None
+            else _restricted(adapter, ctx, i, tokens))  # a method's own pattern for this layer
+    with _gated(adapter, i, tokens.head_gate):
+        if weights is None:
             out = _call_layer(adapter.layers[i], hidden_in, positions, pe, cache, mask)
-        tokens.allowed = tokens.head_gate = None
-    elif weights is None:
-        out = _call_layer(adapter.layers[i], hidden_in, positions, pe, cache, mask)
-    else:
-        out = adapter.weighted_layer(i, hidden_in, positions, pe, cache, weights[sel], mask)
+        else:
+            out = adapter.weighted_layer(i, hidden_in, positions, pe, cache, weights[sel], mask)
+    tokens.allowed = tokens.head_gate = None
     if routed is None:
         tokens.hidden = out
     else:  # skipped tokens ride the residual stream (scaled by their weight under STRing)
@@ -434,8 +432,8 @@ def _restricted(adapter, ctx: Context, i: int, tokens: Tokens) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _gated(o_proj: torch.nn.Module, gate: torch.Tensor | None):
-    """Multiply each head's slice of the output projection's input by ``gate`` (n, heads) while inside."""
+def _gated(adapter, i: int, gate: torch.Tensor | None):
+    """Multiply each head's slice of layer i's output projection input by ``gate`` (n, heads) while inside."""
     if gate is None:
         yield
         return
@@ -445,7 +443,7 @@ def _gated(o_proj: torch.nn.Module, gate: torch.Tensor | None):
         g = gate.to(x.dtype)
         return (x.view(*x.shape[:2], g.shape[1], -1).mul(g[None, :, :, None]).view(x.shape), *args[1:])
 
-    handle = o_proj.register_forward_pre_hook(hook)
+    handle = adapter.attention_output(i).register_forward_pre_hook(hook)
     try:
         yield
     finally:

@@ -644,9 +644,13 @@ def yopo_heads(activity: torch.Tensor, keep: float, full_layers: int) -> torch.T
     kept[:full] = True
     rest = activity[full:].flatten().float()
     k = max(0, min(rest.numel(), round(keep * n_layers * n_heads) - full * n_heads))
-    order = sorted(range(rest.numel()), key=lambda j: (-float(rest[j]), j))[:k]
-    kept[full:].view(-1)[torch.tensor(order, dtype=torch.long)] = True
+    kept[full:].view(-1)[torch.argsort(-rest, stable=True)[:k]] = True  # stable: ties keep the lower index
     return kept
+
+
+def token_images(ctx, tokens) -> torch.Tensor:
+    """(n,): the image each live token belongs to (-1: text)."""
+    return ctx.trace.modality.to(tokens.source.device)[tokens.source]
 
 
 def grid_cells(ctx, tokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -654,7 +658,7 @@ def grid_cells(ctx, tokens) -> tuple[torch.Tensor, torch.Tensor]:
     image's token grid (0 for text). Source indices count every image's full grid (``Trace``), so a
     token's cell is its offset from its image's first source index, whatever was removed."""
     modality = ctx.trace.modality.to(tokens.source.device)
-    image = modality[tokens.source]
+    image = token_images(ctx, tokens)
     cell = torch.zeros_like(tokens.source)
     for k in image[tokens.is_image].unique().tolist():
         mine = image == k
@@ -720,7 +724,9 @@ class YOPO(VisualTokenMethod):
         cut_heads = ~ctx.scratch["yopo_heads"][layer] if self.head_keep < 1 else None
         if self.window is None and (cut_heads is None or not cut_heads.any()):
             return
-        allowed = self._neighbours(ctx, tokens)[None]
+        if ctx.scratch.get("yopo_source") is not tokens.source:  # rebuilt only when the live tokens change
+            ctx.scratch["yopo_source"], ctx.scratch["yopo_allowed"] = tokens.source, self._neighbours(ctx, tokens)
+        allowed = ctx.scratch["yopo_allowed"][None]
         gate = None
         if cut_heads is not None and cut_heads.any():
             allowed, gate = self._cut_heads(allowed, tokens.is_image, cut_heads.to(allowed.device))
@@ -809,7 +815,7 @@ class DynamicLLaVA(VisualTokenMethod):
         if layer != round(self.layer * ctx.n_layers) or self.keep_ratio >= 1:
             return
         predictor = ctx.extras["dynamic_llava"]
-        image = ctx.trace.modality.to(tokens.source.device)[tokens.source]
+        image = token_images(ctx, tokens)
         kept = [torch.nonzero(image < 0).flatten()]
         for k in image[tokens.is_image].unique():
             idx = torch.nonzero(image == k).flatten()
