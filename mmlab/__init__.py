@@ -21,7 +21,7 @@ own layer's package base); imports point one way and never in a circle
     engine                    prefill / decode loop and its stages (methods only through base)
     quantize                  weight methods and activation quantizers (both calibrated once per
                               model), swapped / hooked in *around* the engine (calibration uses it)
-    evaluate                  run / prefill with the swap, evaluate, perplexity, grid
+    evaluate                  run / prefill with the swap, evaluate, perplexity, grid, generation
     recording, figures        mmlab.record, figures with provenance
     viz                       drawings read from Traces
     explorer                  the ipywidgets explorer: run A beside run B, a view per family
@@ -45,8 +45,8 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 _PUBLIC = {"Inputs": "mmlab.arch", "MethodError": "mmlab.methods.base", "Bundle": "mmlab.models",
            "load": "mmlab.models", "record": "mmlab.recording", "record_rows": "mmlab.recording",
            "Trace": "mmlab.trace",
-           **{name: "mmlab.evaluate" for name in ("arank", "grid", "knob_points", "perplexity", "prefill", "run",
-                                                   "visual_heads")}}
+           **{name: "mmlab.evaluate" for name in ("arank", "generation", "grid", "knob_points", "perplexity", "prefill",
+                                                   "run", "visual_heads")}}
 _SUBPACKAGES = ("data", "figures", "methods")
 
 
@@ -92,5 +92,5 @@ MODULE_ORDER = [
 ]
 
 __version__ = "0.1.0"
-__all__ = ["Bundle", "Inputs", "MethodError", "Trace", "arank", "data", "evaluate", "figures", "grid", "knob_points",
-           "load", "methods", "perplexity", "prefill", "record", "record_rows", "run", "visual_heads"]
+__all__ = ["Bundle", "Inputs", "MethodError", "Trace", "arank", "data", "evaluate", "figures", "generation", "grid",
+           "knob_points", "load", "methods", "perplexity", "prefill", "record", "record_rows", "run", "visual_heads"]

@@ -63,6 +63,11 @@ def cmd_train_tiny(args) -> int:
             raise ValueError("--dynamic trains on tiny-llava or tiny-llava-deep (the Llama decoder it writes out)")
         train_dynamic(args.model, **steps, batch_size=args.batch_size, seed=args.seed, out=args.out)
         return 0
+    if args.dynamic_text:  # Dynamic-LLaVA's output-text predictor on the frozen text LM
+        from mmlab.tiny.dynamic import train_dynamic_text
+
+        train_dynamic_text(**steps, seed=args.seed, out=args.out)
+        return 0
     if args.model == "smol-llava":
         from mmlab.models import smollm2_dir
         from mmlab.tiny.smol import train as train_smol
@@ -245,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true",
                    help="instead: train Dynamic-LLaVA's vision predictor on the frozen --model (600 steps), saved "
                         "beside its checkpoint (method dynamic_llava)")
+    p.add_argument("--dynamic-text", action="store_true",
+                   help="instead: train Dynamic-LLaVA's output-text predictor on the frozen smollm2-135m (150 steps, "
+                        "--model is ignored), shipped with the package (method dynamic_llava_decode)")
     p.set_defaults(fn=cmd_train_tiny)
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")

@@ -6,6 +6,7 @@
                   run layer i on the live tokens (own positions, own KV length)
            -> final norm + LM head                               [stage after_prefill(cache)]
            -> greedy decode, one token at a time                 [stage decode_step]
+                  each layer on the new token                     [stage decode_layer(i)]
            -> Trace
 
 Tokens removed by a method are physically gone from every later layer (and from those
@@ -581,18 +582,60 @@ def _decode_step(adapter, p: Prefill, methods, step: int, token: int, position: 
         m.decode_step(p.ctx, step, p.cache)
     p.trace.decode_kv_lengths.append([n + 1 for n in p.cache.lengths()])
     h = adapter.embed(torch.tensor([[token]], device=position.device))
-    logits = adapter.logits(_forward(adapter, h, position, p.cache))[-1]
+    logits = adapter.logits(_forward(adapter, h, position, p.cache, p.ctx, methods))[-1]
     p.trace.step_logits.append(logits.cpu())
     return int(logits.argmax())
 
 
-def _forward(adapter, h: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """``h`` (1, q, d) through every layer after each layer's cached tokens (causal among the new ones)."""
+class NewToken:
+    """The token a decode step feeds, as ``decode_layer`` sees it before layer ``layer``."""
+
+    def __init__(self, hidden: torch.Tensor, position: torch.Tensor):
+        self.hidden, self.position = hidden, position  # (1, 1, d), its RoPE position
+        self.dropped = False
+
+    def drop_kv(self) -> None:
+        """Attend as usual in this step, but leave this token's keys / values out of this layer's cache."""
+        self.dropped = True
+
+
+def _forward(adapter, h: torch.Tensor, positions: torch.Tensor, cache: KVCache, ctx: Context | None = None,
+             methods=()) -> torch.Tensor:
+    """``h`` (1, q, d) through every layer after each layer's cached tokens (causal among the new ones);
+    methods with a ``decode_layer`` stage see the (single) new token before each layer."""
     q, past = h.shape[1], cache.lengths()
     pes = adapter.rotary_tables(h, positions)
+    hooks = [m for m in methods if m.acts_in_decode_layers()]
     for i, layer in enumerate(adapter.layers):
+        token = NewToken(h, positions) if hooks else None
+        for m in hooks:
+            _call_stage(ctx, m, "decode_layer", {}, i, token)
         h = _call_layer(layer, h, positions, pes[i], cache, adapter.attention_mask(i, past[i], q))
+        if token is not None and token.dropped:
+            cache.keys[i], cache.values[i] = cache.keys[i][..., :-q, :], cache.values[i][..., :-q, :]
     return h
+
+
+def continuation(bundle, p: Prefill, methods, input_ids: torch.Tensor) -> torch.Tensor:
+    """(q, vocab) logits of ``input_ids`` (1, q) fed after the prefill ``p``, teacher-forced: in one block
+    (``extend``), or token by token (``teacher_forced``) where a method acts while decoding."""
+    if any(m.acts_in_decode_layers() for m in methods):
+        return teacher_forced(bundle, p, methods, input_ids)
+    return extend(bundle, p.cache, input_ids, p.next_position)
+
+
+def teacher_forced(bundle, p: Prefill, methods, input_ids: torch.Tensor) -> torch.Tensor:
+    """Feed ``input_ids`` (1, q) after the prefill ``p`` one token at a time through the decode stages (as
+    generation would, so decode-time methods act); returns (q, vocab) logits. For perplexity."""
+    out, pos = [], p.next_position
+    with torch.inference_mode():
+        for j in range(input_ids.shape[1]):
+            for m in methods:
+                m.decode_step(p.ctx, j, p.cache)
+            p.trace.decode_kv_lengths.append([n + 1 for n in p.cache.lengths()])
+            h = bundle.adapter.embed(input_ids[:, j:j + 1])
+            out.append(bundle.adapter.logits(_forward(bundle.adapter, h, pos + j, p.cache, p.ctx, methods))[-1])
+    return torch.stack(out)
 
 
 @torch.inference_mode()

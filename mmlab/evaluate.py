@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mmlab import engine
 from mmlab.arch import Inputs
+from mmlab.flops import decode_without_cache
 from mmlab.methods import Method, MethodError, as_methods, get, knob, method_class, needs_swap
 from mmlab.quantize import applied, quantized_weights
 from mmlab.trace import Trace
@@ -194,6 +195,7 @@ class PerplexityResult:
     prefill_ms: float = float("nan")  # median prefill (+ the methods' compression) per window
     weight_bits: float = float("nan")  # effective bits per quantized weight (weight quantization methods)
     prefill_ms_spread: float = float("nan")  # interquartile range / median of the windows' prefill times
+    generated_kept: float = float("nan")  # share of the decoded tokens whose KV a decode-time method kept
 
 
 def _windows(bundle, text: str, window: int, context: int | None, max_windows: int | None) -> torch.Tensor:
@@ -233,6 +235,10 @@ def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512,
     its weights swapped in once. A refused list gets its ``MethodError``."""
     chunks = _windows(bundle, text, window, context, max_windows)
     lists = [list(ms) for ms in method_lists]
+    decoding = [m.name for ms in lists for m in ms if m.acts_in_decode_layers()]
+    if decoding and context is None:
+        raise MethodError(f"{decoding[0]} acts while decoding, and context=None scores the whole window from one "
+                          f"prefill; give perplexity a context (e.g. context={window // 2}) so the rest is decoded")
     shared = [k for k, ms in enumerate(lists) if not any(needs_swap(m) for m in ms)]
     acc = {k: [] for k in range(len(lists))}  # per list: (nll sum, tokens, kv bytes, prefill ms) per window
     out: list = [None] * len(lists)
@@ -242,7 +248,7 @@ def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512,
             if isinstance(p, MethodError):
                 out[k] = p
             else:
-                acc[k].append(_window_nll(bundle, p, chunks[w][None], context))
+                acc[k].append(_window_nll(bundle, p, chunks[w][None], context, lists[k]))
     for k in (k for k in range(len(lists)) if k not in shared):
         try:
             with applied(bundle, lists[k]) as quantized:
@@ -250,7 +256,7 @@ def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512,
                     p = next(_window_prefills(bundle, chunks[w][None], [lists[k]], context, w))
                     if isinstance(p, MethodError):
                         raise p
-                    acc[k].append(_window_nll(bundle, p, chunks[w][None], context))
+                    acc[k].append(_window_nll(bundle, p, chunks[w][None], context, lists[k]))
             out[k] = _ppl_result(acc[k], quantized.weight_bits if quantized else float("nan"))
         except MethodError as e:
             out[k] = e
@@ -263,22 +269,27 @@ def _window_prefills(bundle, chunk: torch.Tensor, lists: list, context: int | No
     return engine.prefills(bundle, Inputs(chunk[:, :context]), lists, sample_index=w)
 
 
-def _window_nll(bundle, p, chunk: torch.Tensor, context: int | None) -> tuple[float, int, int, float]:
-    """(summed NLL, tokens scored, KV bytes, prefill ms) of one window from its prefill ``p``."""
+def _window_nll(bundle, p, chunk: torch.Tensor, context: int | None, methods) -> tuple:
+    """(summed NLL, tokens scored, KV bytes, prefill ms, the decode-time keep decisions) of one window from its
+    prefill ``p`` (the continuation through ``engine.continuation``)."""
     if context is None:
         logits, targets = p.logits[:-1], chunk[0, 1:]
     else:
-        cont = engine.extend(bundle, p.cache, chunk[:, context:], p.next_position)
+        cont = engine.continuation(bundle, p, methods, chunk[:, context:])
         logits, targets = torch.cat([p.logits[-1:], cont[:-1]]), chunk[0, context:]
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-    return nll, targets.numel(), p.trace.kv_bytes, p.trace.timings["prefill_ms"]
+    return nll, targets.numel(), p.trace.kv_bytes, p.trace.timings["prefill_ms"], p.trace.extra.get("decode_kept", [])
 
 
 def _ppl_result(windows: list[tuple], weight_bits: float = float("nan")) -> PerplexityResult:
     nll = sum(w[0] for w in windows) / sum(w[1] for w in windows)
     return PerplexityResult(math.exp(nll), nll, sum(w[1] for w in windows), len(windows),
                             statistics.fmean(w[2] for w in windows), statistics.median(w[3] for w in windows),
-                            weight_bits, spread([w[3] for w in windows]))
+                            weight_bits, spread([w[3] for w in windows]), _share([k for w in windows for k in w[4]]))
+
+
+def _share(flags: list) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
 
 
 # --- grids -----------------------------------------------------------------------------------------
@@ -331,7 +342,8 @@ def _metrics(res) -> dict:
     if isinstance(res, EvalResult):
         return {**res.metrics(), "image_tokens_layer0": statistics.fmean(r["image_tokens"] for r in res.rows)}
     return {"perplexity": res.perplexity, "nll": res.nll, "kv_bytes": res.kv_bytes, "tokens": res.n_tokens,
-            "prefill_ms": res.prefill_ms, "prefill_ms_spread": res.prefill_ms_spread}
+            "prefill_ms": res.prefill_ms, "prefill_ms_spread": res.prefill_ms_spread,
+            **({} if math.isnan(res.generated_kept) else {"generated_kept": res.generated_kept})}
 
 
 def grid(bundle, configs: list, *, samples=None, text: str | None = None, baseline: bool = True, window: int = 512,
@@ -446,3 +458,51 @@ def visual_heads(bundle, samples) -> torch.Tensor:
         raise MethodError("visual_heads needs at least one calibration sample")
     bundle.extras["visual_heads"] = total / n
     return bundle.extras["visual_heads"]
+
+
+# --- free generation ---------------------------------------------------------------------------------
+def generation(bundle, text: str, configs: list, *, n_prompts: int = 8, prompt: int = 128, max_new_tokens: int = 128,
+               progress: bool = True):
+    """Greedy continuations of ``n_prompts`` consecutive ``prompt``-token windows of ``text``, the unmodified
+    model first, then each configuration (as ``grid`` takes them; no weight quantization). One row each:
+    the KV bytes held at the end (``kv_ratio`` = the unmodified model's / this), the share of generated
+    tokens whose KV a decode-time method kept, the agreement with the unmodified model's tokens (``same_prefix``:
+    share before the first difference; ``token_match``: share equal position by position), decode FLOPs
+    with the cache and without one (``flops.decode_without_cache``), their ratios, and decode ms per token."""
+    import pandas as pd
+
+    points = [{"method": "none"}, *configs]
+    lists = [_methods(c) for c in points]
+    if any(needs_swap(m) for ms in lists for m in ms):
+        raise MethodError("generation() runs methods that act in the engine; measure weight quantization with grid()")
+    chunks = _windows(bundle, text, prompt, None, n_prompts)
+    traces = [[] for _ in points]
+    for w in tqdm(range(len(chunks)), desc=f"generate {bundle.name}", disable=not progress, mininterval=2):
+        for k, tr in enumerate(engine.run_many(bundle, Inputs(chunks[w][None]), lists, max_new_tokens=max_new_tokens,
+                                               sample_index=w)):
+            if isinstance(tr, MethodError):
+                raise tr
+            traces[k].append(tr)
+    rows = [{"method": _describe(c)[0], **_describe(c)[1], **_generation_row(trs, traces[0])}
+            for c, trs in zip(points, traces)]
+    df = pd.DataFrame(rows)
+    for col, ratio in [("kv_bytes_final", "kv_ratio"), ("decode_tflops", "decode_flops_ratio"),
+                       ("decode_tflops_nocache", "decode_flops_ratio_nocache")]:
+        df[ratio] = df[col].iloc[0] / df[col]
+    return df
+
+
+def _generation_row(traces: list[Trace], dense: list[Trace]) -> dict:
+    def prefix(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) / max(1, len(b))
+
+    return {"kv_bytes_final": statistics.fmean(tr.kv_bytes_final for tr in traces),
+            "generated_kept": _share([k for tr in traces for k in tr.extra.get("decode_kept", [])]),
+            "same_prefix": statistics.fmean(prefix(t.answer_ids, d.answer_ids) for t, d in zip(traces, dense)),
+            "token_match": statistics.fmean(sum(x == y for x, y in zip(t.answer_ids, d.answer_ids))
+                                            / max(1, len(d.answer_ids)) for t, d in zip(traces, dense)),
+            "generated": statistics.fmean(len(tr.answer_ids) for tr in traces),
+            "decode_tflops": statistics.fmean(tr.flops["decode"] for tr in traces) / 1e12,
+            "decode_tflops_nocache": statistics.fmean(decode_without_cache(tr) for tr in traces) / 1e12,
+            "decode_ms": statistics.median(tr.timings.get("decode_ms_per_token", float("nan")) for tr in traces),
+            "prompts": len(traces)}

@@ -193,6 +193,11 @@ class Explorer:
             kept[label] = set(np.nonzero((status == 0) | (status == 3))[0].tolist())  # held, quantized or not
             html.append(f"<h4>{label}: {t.methods or 'none'}, layer {layer}, KV head {head}</h4>"
                         + viz.kv_html(pieces, t.modality.numpy(), status, into))
+            if "decode_kept" in t.extra:  # a decode-time method: the generated tokens it kept in this layer
+                gen = viz.generated_kv_status(t, layer)
+                words = [self.bundle.tokenizer.decode([i]) for i in t.answer_ids[:len(gen)]]
+                html.append("<div class='mmlab-kv-generated'><b>generated:</b></div>"
+                            + viz.kv_html(words, np.full(len(gen), -1), gen, np.full(len(gen), -1)))
         only_a, only_b = len(kept["A"] - kept["B"]), len(kept["B"] - kept["A"])
         html.insert(0, f"<div class='mmlab-kv-diff'>kept by A only: {only_a} tokens, by B only: {only_b}</div>")
         fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))

@@ -54,3 +54,15 @@ def trace_flops(trace) -> dict[str, float]:
     for lengths in trace.decode_kv_lengths:
         decode += sum(layer_flops(1, m, d, d_q, d_kv, d_ff) for m in lengths) + 2 * d * vocab
     return {"prefill": prefill, "prefill_sparse": prefill_sparse, "decode": decode, "total": prefill + decode}
+
+
+def decode_without_cache(trace) -> float:
+    """Decode FLOPs of the same generation run without a KV cache: each step re-runs every layer over the
+    tokens that layer would hold (its ``decode_kv_lengths`` entry, queries = keys), as Dynamic-LLaVA's
+    no-cache inference does (its dropped generated tokens leave the sequence at the sparse layer)."""
+    dm = trace.dims
+    if not dm:
+        return 0.0
+    d, d_q, d_kv, d_ff, vocab = dm["hidden"], dm["q_dim"], dm["kv_dim"], dm["ffn"], dm["vocab"]
+    return sum(sum(layer_flops(m, m, d, d_q, d_kv, d_ff) for m in lengths) + 2 * d * vocab
+               for lengths in trace.decode_kv_lengths)

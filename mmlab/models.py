@@ -185,6 +185,18 @@ def load_predictor(path: Path):
     return p.eval()
 
 
+def load_text_predictor(path: Path) -> dict:
+    """Dynamic-LLaVA's trained output-text predictor beside a checkpoint (``mmlab train-tiny --dynamic-text``):
+    ``{"dynamic_llava_text": predictor}``, or ``{}`` where none was trained."""
+    from mmlab.methods.kv_cache import TextPredictor
+
+    if not (path / "dynamic_llava_text.pt").exists():
+        return {}
+    p = TextPredictor(**json.loads((path / "dynamic_llava_text.json").read_text())["dims"])
+    p.load_state_dict(torch.load(path / "dynamic_llava_text.pt", weights_only=True))
+    return {"dynamic_llava_text": p.eval()}
+
+
 def _load_tiny(name: str) -> Bundle:
     from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
@@ -245,7 +257,8 @@ def _load_smollm2() -> Bundle:
 
     out = smollm2_dir()
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa", dtype=torch.float32).eval()
-    return Bundle.from_model(model, AutoTokenizer.from_pretrained(out), name="smollm2-135m", max_new_tokens=32)
+    return Bundle.from_model(model, AutoTokenizer.from_pretrained(out), name="smollm2-135m", max_new_tokens=32,
+                             extras=load_text_predictor(CHECKPOINT_DIR / "smollm2-135m"))
 
 
 def _load_smol() -> Bundle:

@@ -318,6 +318,15 @@ def kv_status(trace: Trace, layer: int, head: int) -> tuple[np.ndarray, np.ndarr
     return status, into
 
 
+def generated_kv_status(trace: Trace, layer: int) -> np.ndarray:
+    """Per generated token a decode-time method decided on (``trace.extra["decode_kept"]``, in the order they
+    were fed back): its state in ``layer``'s cache at the end (an index into ``KV_STATES``: kept / evicted)."""
+    kept = np.asarray(trace.extra.get("decode_kept", []), dtype=bool)
+    if layer < trace.extra.get("decode_kept_from", 0):
+        return np.zeros(len(kept), dtype=int)
+    return np.where(kept, 0, 1)
+
+
 def kv_html(pieces: list[str], modality: np.ndarray, status: np.ndarray, into: np.ndarray) -> str:
     """The prompt as text, each token coloured by its ``kv_status`` (hover: what happened to it);
     each image's tokens summarised in one box."""

@@ -76,3 +76,16 @@ def test_export_writes_the_view_with_provenance(tiny_explorer, tmp_path):
     meta = figures.provenance(png)["params"]
     assert meta["A"].startswith("fastv(") and meta["layer"] == 3 and meta["head"] == 1 and meta["model"] == "tiny-llava"
     plt.close(fig)
+
+
+def test_kv_view_shows_the_generated_tokens_a_decode_method_kept(smol):
+    ex = Explorer(smol, ["Write one sentence about the sea."], repeats=1)
+    assert "dynamic_llava_decode" in ex.method_names  # smollm2 ships the output-text predictor
+    spec = "dynamic_llava_decode(random_keep=0.5)"
+    fig, html = ex.view(0, spec, "none", layer=5, head=0)
+    plt.close(fig)
+    tr = ex.trace(0, spec, 5)
+    status = viz.generated_kv_status(tr, 5)
+    assert len(status) == len(tr.extra["decode_kept"]) and (status == 1).any() and (status == 0).any()
+    assert "mmlab-kv-generated" in html and html.count("line-through") >= int((status == 1).sum())
+    assert (viz.generated_kv_status(tr, 0) == 0).all()  # before the sparse layer every generated token stays

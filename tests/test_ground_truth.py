@@ -25,6 +25,7 @@ NOOP = {
     "dpn": {"kernel": 1},
     "yopo": {"window": None, "head_keep": 1.0, "layer_cut": 1.0},
     "dynamic_llava": {"keep_ratio": 1.0},
+    "dynamic_llava_decode": {"random_keep": 1.0},
     "streamingllm": {"budget": 1.0},
     "h2o": {"budget": 1.0},
     "snapkv": {"budget": 1.0},

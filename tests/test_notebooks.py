@@ -31,7 +31,9 @@ SMALLER = {"02_kv_merging.ipynb": {"needle_lengths": [256], "needle_depths": [0.
                                      "calib_samples": 2, "windows": 1, "tiny_bits": [4], "kv_bits": [4],
                                      "kv_window": 512, "kv_context": 384, "kv_windows": 1,
                                      "torchao_check": False},
-           "07_yopo.ipynb": {"windows": [3], "head_keeps": [0.5], "layer_cuts": [0.5], "n_calibration": 2}}
+           "07_yopo.ipynb": {"windows": [3], "head_keeps": [0.5], "layer_cuts": [0.5], "n_calibration": 2},
+           "08_dynamic_llava.ipynb": {"n_samples": 2, "prompt": 32, "max_new_tokens": 6, "window": 64, "context": 56,
+                                      "n_windows": 1, "rates": []}}
 
 
 # what each notebook hands to its sweep: scalar metrics, and the tasks of its recorded table
@@ -46,7 +48,8 @@ RECORDS = {"00_baseline.ipynb": ({"accuracy", "tflops", "kv_bytes", "acc_color",
            "04_quantization.ipynb": (set(), {"weights", "weights_activations", "tiny_llava", "kv_cache"}),
            "05_explorer.ipynb": (set(), set()),
            "06_benchmarks.ipynb": (set(), {"mmlab_shapes"}),
-           "07_yopo.ipynb": ({"dense_accuracy"}, {"cuts", "heads"})}
+           "07_yopo.ipynb": ({"dense_accuracy"}, {"cuts", "heads"}),
+           "08_dynamic_llava.ipynb": ({"dense_perplexity", "dense_perplexity_prose"}, {"generation", "perplexity"})}
 
 
 CELL_TIMEOUT = 900  # seconds per cell: a lost kernel reply fails the test instead of hanging CI

@@ -112,7 +112,7 @@ class Server:
         cont = cont.to(p.logits.device)
         logits = p.logits[-1:]
         if cont.numel() > 1:
-            logits = torch.cat([logits, engine.extend(self.bundle, p.cache, cont[None, :-1], p.next_position)])
+            logits = torch.cat([logits, engine.continuation(self.bundle, p, self.methods, cont[None, :-1])])
         logp = torch.log_softmax(logits.float(), dim=-1)
         total = float(logp.gather(1, cont[:, None]).sum())
         greedy = bool((logits.argmax(-1) == cont).all())

@@ -40,6 +40,11 @@ Stages, in the order they are called:
     flag ``prefill_attention`` the method may call ``ctx.attention(layer)`` for every layer.
 ``decode_step(ctx, step, cache)``
     Called before each generated token is processed.
+``decode_layer(ctx, layer, token)``
+    Called before every decoder layer of each decode step (and of each teacher-forced token a
+    perplexity run feeds one at a time). ``token.hidden`` (1, 1, d) is the new token entering the
+    layer; ``token.drop_kv()`` lets it attend as usual in this step but leaves its keys / values out
+    of this layer's cache (Dynamic-LLaVA's output-text eviction).
 
 The cache's ``quantized[i]`` contract (class flag ``quantizes_cache``): a method may move the
 oldest tokens of layer i into a ``QuantizedPrefix`` that precedes ``keys[i]`` / ``values[i]``;
@@ -111,6 +116,15 @@ class LiveTokens(Protocol):
     def route(self, indices: torch.Tensor, weights: torch.Tensor | None = None) -> None: ...
 
     def restrict(self, allowed: torch.Tensor, head_gate: torch.Tensor | None = None) -> None: ...
+
+
+class NewToken(Protocol):
+    """``token`` of ``decode_layer`` (``mmlab.engine.NewToken``)."""
+
+    hidden: torch.Tensor  # (1, 1, d) entering the layer
+    position: torch.Tensor  # its RoPE position
+
+    def drop_kv(self) -> None: ...
 
 
 class QuantizedPrefix(Protocol):
@@ -226,6 +240,13 @@ class Method:
 
     def decode_step(self, ctx: RunContext, step: int, cache: Cache) -> None:
         return None
+
+    def decode_layer(self, ctx: RunContext, layer: int, token: NewToken) -> None:
+        return None
+
+    @classmethod
+    def acts_in_decode_layers(cls) -> bool:
+        return cls.decode_layer is not Method.decode_layer
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

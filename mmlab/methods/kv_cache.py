@@ -1,8 +1,9 @@
-"""KV-cache eviction and merging after the prefill: StreamingLLM, H2O, SnapKV, LOOK-M, KVMerger.
+"""KV-cache eviction and merging: StreamingLLM, H2O, SnapKV, LOOK-M, KVMerger after the prefill;
+Dynamic-LLaVA's decode half while decoding (the last section).
 
-Every method here acts at ``after_prefill``: for each layer it chooses which of the
-prompt's cached key/value pairs to keep (and, for the merging methods, folds evicted
-pairs into kept ones), and replaces the layer's tensors with smaller ones, so the
+The prompt methods act at ``after_prefill``: for each layer they choose which of the
+prompt's cached key/value pairs to keep (and, for the merging methods, fold evicted
+pairs into kept ones), and replace the layer's tensors with smaller ones, so the
 bytes really shrink. Kept keys carry the RoPE rotation of their original position and
 decoding continues at the uncompressed prompt length, as in the papers' code.
 
@@ -344,3 +345,78 @@ class KVMerger(HeavyHitterKV):
         ctx.trace.extra.setdefault("kv_merged", {})[layer] = int((into >= 0).sum())
         ctx.trace.extra.setdefault("kv_merged_into", {})[layer] = into
         return gather_tokens(k[None].to(keys.dtype), kept), gather_tokens(v[None].to(values.dtype), kept), kept
+
+
+# --- decode-time eviction -------------------------------------------------------------------------
+class TextPredictor(torch.nn.Module):
+    """Dynamic-LLaVA's output-text predictor (official Osilly/dynamic_llava, ``TextPredictor``): LayerNorm ->
+    Linear(d, d_model) -> GELU -> Linear(d_model / 2) -> GELU -> Linear(d_model / 4) -> GELU -> 2 logits
+    (keep, drop) per token. LLaVA-7B: d 4096, d_model 512."""
+
+    def __init__(self, d: int, d_model: int = 512):
+        super().__init__()
+        self.dims = {"d": d, "d_model": d_model}
+        self.mlp = torch.nn.Sequential(
+            torch.nn.LayerNorm(d), torch.nn.Linear(d, d_model), torch.nn.GELU(),
+            torch.nn.Linear(d_model, d_model // 2), torch.nn.GELU(),
+            torch.nn.Linear(d_model // 2, d_model // 4), torch.nn.GELU(), torch.nn.Linear(d_model // 4, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) hidden states -> (..., 2) logits (column 0: keep)."""
+        return self.mlp(x)
+
+
+@register
+@dataclass
+class DynamicLLaVADecode(Method):
+    """Dynamic-LLaVA (Huang et al., ICLR 2025), its decode half: a learned predictor thins generated tokens' KV.
+
+    Rule (official inference with the KV cache): each generated token's hidden state entering layer
+    ``layer`` (sparse_layer 2 of 32) goes through a trained ``TextPredictor``; it attends as usual in
+    this step, but its keys / values are appended to the cache of layers >= ``layer`` only if
+    keep-logit - drop-logit > ``margin`` (official: argmax, margin 0). The prompt's KV is untouched.
+    ``random_keep`` (an ablation, not the paper's) replaces the predictor by a seeded coin with that
+    keep probability (``seed`` and the sample's index seed it); ``random_keep=1`` keeps everything.
+    """
+
+    name: ClassVar[str] = "dynamic_llava_decode"
+    family: ClassVar[str] = "kv_cache"
+    requires: ClassVar[dict] = {"dynamic_llava_text": ("a trained output-text predictor", "use smollm2-135m (it "
+                                                       "ships one) or train one: mmlab train-tiny --dynamic-text")}
+    layer: float = 2 / 32
+    margin: float = 0.0
+    random_keep: float | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if not (isinstance(self.layer, (int, float)) and 0 <= self.layer < 1):
+            raise MethodError(f"{self.name}: layer is a fraction of depth in [0, 1) (2/32 in the paper), "
+                              f"got {self.layer!r}")
+        if self.random_keep is not None and not (isinstance(self.random_keep, (int, float))
+                                                 and 0 <= self.random_keep <= 1):
+            raise MethodError(f"{self.name}: random_keep is a keep probability in [0, 1] or None (use the "
+                              f"predictor), got {self.random_keep!r}")
+
+    def keeps_everything(self) -> bool:
+        return self.random_keep == 1
+
+    def decode_layer(self, ctx, layer, token):
+        start = round(self.layer * ctx.n_layers)
+        if layer < start or self.keeps_everything():
+            return
+        if layer == start:
+            ctx.scratch["dynamic_keep"] = self.decide(ctx, token.hidden)
+            ctx.trace.extra.setdefault("decode_kept", []).append(ctx.scratch["dynamic_keep"])
+            ctx.trace.extra["decode_kept_from"] = start
+        if not ctx.scratch["dynamic_keep"]:
+            token.drop_kv()
+
+    def decide(self, ctx, hidden: torch.Tensor) -> bool:
+        """Keep this token's KV? (``hidden`` (1, 1, d), the token entering the sparse layer)."""
+        if self.random_keep is not None:
+            gen = ctx.scratch.setdefault("dynamic_rng", torch.Generator().manual_seed(
+                1_000_003 * self.seed + ctx.sample_index))
+            return bool(torch.rand((), generator=gen) < self.random_keep)
+        predictor = ctx.extras["dynamic_llava_text"]
+        logits = predictor(hidden.to(next(predictor.parameters()).dtype)).float()[0, -1]
+        return bool(logits[0] - logits[1] > self.margin)

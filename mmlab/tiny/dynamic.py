@@ -56,10 +56,9 @@ def policy_layer(block, h: torch.Tensor, pe, policy: torch.Tensor) -> torch.Tens
     return h + block.mlp(block.post_attention_layernorm(h))
 
 
-def policy_forward(model, embeds: torch.Tensor, predictor: VisionPredictor, img: slice, layer: int, tau: float):
-    """The LLM on ``embeds`` (B, n, d), visual tokens at ``img``: frozen layers up to ``layer``, the predictor's
-    Gumbel decision there, policy attention after. Returns (final hidden states, decisions (B, n_img))."""
-    lm = model.model.language_model
+def frozen_prefix(lm, embeds: torch.Tensor, layer: int):
+    """The decoder ``lm`` (layers, rotary_emb, norm) on ``embeds`` (B, n, d) up to ``layer``, without gradients.
+    Returns (hidden states entering ``layer``, rotary tables)."""
     b, n, _ = embeds.shape
     pos = torch.arange(n).expand(b, -1)
     pe = lm.rotary_emb(embeds, pos)
@@ -68,12 +67,28 @@ def policy_forward(model, embeds: torch.Tensor, predictor: VisionPredictor, img:
         for block in lm.layers[:layer]:
             out = block(h, attention_mask=None, position_ids=pos, position_embeddings=pe)
             h = out[0] if isinstance(out, tuple) else out
-    logits = predictor(h[:, img])
-    keep = F.gumbel_softmax(F.log_softmax(logits, -1), tau=tau, hard=True)[..., 0]  # (B, n_img)
-    policy = torch.cat([torch.ones(b, img.start), keep, torch.ones(b, n - img.stop)], 1)
+    return h, pe
+
+
+def policy_forward(lm, embeds: torch.Tensor, predictor: torch.nn.Module, span: slice, layer: int, tau: float):
+    """The decoder ``lm`` on ``embeds`` (B, n, d): frozen layers up to ``layer``, the predictor's Gumbel decision
+    there on the tokens at ``span`` (the image, or the answer), policy attention after.
+    Returns (final hidden states, decisions (B, span length))."""
+    h, pe = frozen_prefix(lm, embeds, layer)
+    b, n, _ = h.shape
+    logits = predictor(h[:, span])
+    keep = F.gumbel_softmax(F.log_softmax(logits, -1), tau=tau, hard=True)[..., 0]  # (B, n_span)
+    policy = torch.cat([torch.ones(b, span.start), keep, torch.ones(b, n - span.stop)], 1)
     for block in lm.layers[layer:]:
         h = policy_layer(block, h, pe, policy)
     return lm.norm(h), keep
+
+
+def _schedule(opt, steps: int):
+    """The official schedule: warmup over 3 % of the steps, then cosine to zero."""
+    warm = max(1, int(0.03 * steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
 def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_size: int = 32, lr: float = 2e-4,
@@ -94,9 +109,7 @@ def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_s
     n_layers = len(model.model.language_model.layers)
     layer = round(SPARSE_LAYER * n_layers)
     opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, int(0.03 * steps))  # official warmup_ratio 0.03, then cosine
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = _schedule(opt, steps)
     system, n_img = getattr(model.config, "mmlab_system_prompt", None), model.config.image_seq_length
     t0, ema, rate = time.time(), None, None
     bar = tqdm(range(steps), desc=f"train-tiny --dynamic {model_name}", mininterval=5)
@@ -108,7 +121,7 @@ def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_s
         img = slice(int(where[0]), int(where[-1]) + 1)
         with torch.no_grad():
             embeds = image_embeds(model, ids, image_features(model, px)[image_index])
-        hidden, keep = policy_forward(model, embeds, predictor, img, layer, tau)
+        hidden, keep = policy_forward(model.model.language_model, embeds, predictor, img, layer, tau)
         logits = model.lm_head(hidden)
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         mask_loss = ((VISION_KEEP_RATE - keep.mean(1)) ** 2).mean()
@@ -132,3 +145,81 @@ def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_s
     print(f"trained the Dynamic-LLaVA predictor on {model_name}: {steps} steps in {time.time() - t0:.0f} s, "
           f"answer CE {ema:.4f}, keep rate {rate:.3f} -> {out}")
     return out
+
+
+OUTPUT_TEXT_KEEP_RATE = 0.5  # official output_text_keep_rate
+OUTPUT_TEXT_LEN_FOR_TRAINING = 50  # official: shorter answers keep every token and get no rate target
+
+
+def train_dynamic_text(model_name: str = "smollm2-135m", steps: int = 150, batch_size: int = 8, prompt: int = 64,
+                       answer: int = 128, lr: float = 2e-4, d_model: int = 256, seed: int = 0,
+                       out: Path | str | None = None) -> Path:
+    """Train Dynamic-LLaVA's output-text predictor on the frozen text LM ``model_name`` (SmolLM2): windows of
+    ``prompt`` + ``answer`` tokens from the calibration text (never the perplexity texts); the answer's tokens
+    are the 'generated' ones the predictor thins. Writes ``dynamic_llava_text.pt`` + ``.json`` (default: beside
+    the package's predictors for that model) and returns the folder."""
+    from mmlab.arch.tiny_llava import CHECKPOINT_DIR
+    from mmlab.data.text import calibration_windows
+    from mmlab.methods.kv_cache import TextPredictor
+    from mmlab.models import load
+
+    if answer < OUTPUT_TEXT_LEN_FOR_TRAINING:
+        raise ValueError(f"answer must be >= {OUTPUT_TEXT_LEN_FOR_TRAINING} tokens (the official rule gives shorter "
+                         f"answers no keep-rate target), got {answer}")
+    bundle = load(model_name)
+    model = bundle.model
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    torch.manual_seed(seed)
+    lm = model.model
+    predictor = TextPredictor(model.config.hidden_size, d_model=d_model).train()
+    layer = round(SPARSE_LAYER * len(lm.layers))
+    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
+    sched = _schedule(opt, steps)
+    windows = torch.stack(calibration_windows(bundle.tokenizer, steps * batch_size, prompt + answer, "mixed"))
+    span = slice(prompt, prompt + answer)
+    t0, ema, rate = time.time(), None, None
+    bar = tqdm(range(steps), desc=f"train-tiny --dynamic-text {model_name}", mininterval=5)
+    for step in bar:
+        tau = 1.0 + (0.1 - 1.0) * step / max(1, steps - 1)
+        ids = windows[step * batch_size:(step + 1) * batch_size]
+        hidden, keep = policy_forward(lm, lm.embed_tokens(ids), predictor, span, layer, tau)
+        logits = model.lm_head(hidden[:, prompt - 1:-1])  # the answer's tokens, predicted
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, prompt:].reshape(-1))
+        loss = ce + MASK_LOSS_WEIGHT * ((OUTPUT_TEXT_KEEP_RATE - keep.mean(1)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
+        rate = keep.mean().item() if rate is None else 0.95 * rate + 0.05 * keep.mean().item()
+        if step % 10 == 0:
+            bar.set_postfix(ce=f"{ema:.3f}", keep=f"{rate:.3f}", tau=f"{tau:.2f}")
+    out = Path(out or CHECKPOINT_DIR / model_name)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(predictor.state_dict(), out / "dynamic_llava_text.pt")
+    info = {"model": model_name, "dims": predictor.dims, "layer": layer, "sparse_layer_fraction": SPARSE_LAYER,
+            "output_text_keep_rate": OUTPUT_TEXT_KEEP_RATE, "mask_loss_weight": MASK_LOSS_WEIGHT, "steps": steps,
+            "batch_size": batch_size, "prompt": prompt, "answer": answer, "data": "calibration_windows(mixed)",
+            "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1), "final_ce": round(ema, 4),
+            "final_keep_rate": round(rate, 4)}
+    (out / "dynamic_llava_text.json").write_text(json.dumps(info, indent=1))
+    print(f"trained the Dynamic-LLaVA output-text predictor on {model_name}: {steps} steps in {time.time() - t0:.0f} "
+          f"s, answer CE {ema:.4f}, keep rate {rate:.3f} -> {out}")
+    return out
+
+
+def keep_margin(bundle, rate: float, n: int = 16, prompt: int = 64, answer: int = 128) -> float:
+    """The ``margin`` at which the bundle's output-text predictor keeps ``rate`` of the 'answer' tokens of ``n``
+    calibration windows (as in its training, never the evaluation texts): the keep - drop logit quantile there."""
+    from mmlab.data.text import calibration_windows
+
+    if not 0 < rate < 1:
+        raise ValueError(f"rate must be in (0, 1), got {rate!r}")
+    predictor = bundle.extras["dynamic_llava_text"]
+    layer = round(SPARSE_LAYER * bundle.n_layers)
+    ids = torch.stack(calibration_windows(bundle.tokenizer, n, prompt + answer, "mixed"))
+    with torch.no_grad():
+        h = bundle.model(input_ids=ids, output_hidden_states=True).hidden_states[layer][:, prompt:]
+        logits = predictor(h).float().flatten(0, 1)
+    return float((logits[:, 0] - logits[:, 1]).quantile(1 - rate))
