@@ -66,6 +66,8 @@ def cmd_train_tiny(args) -> int:
     if args.dynamic_text:  # Dynamic-LLaVA's output-text predictor on the frozen text LM
         from mmlab.tiny.dynamic import train_dynamic_text
 
+        if args.model != "tiny-llava":
+            raise ValueError(f"--dynamic-text trains on the text LM smollm2-135m; drop --model {args.model}")
         train_dynamic_text(**steps, seed=args.seed, out=args.out)
         return 0
     if args.model == "smol-llava":
@@ -252,7 +254,7 @@ def parser() -> argparse.ArgumentParser:
                         "beside its checkpoint (method dynamic_llava)")
     p.add_argument("--dynamic-text", action="store_true",
                    help="instead: train Dynamic-LLaVA's output-text predictor on the frozen smollm2-135m (150 steps, "
-                        "--model is ignored), shipped with the package (method dynamic_llava_decode)")
+                        "15 min), shipped with the package (method dynamic_llava_decode)")
     p.set_defaults(fn=cmd_train_tiny)
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")

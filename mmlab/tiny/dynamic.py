@@ -1,4 +1,6 @@
-"""Dynamic-LLaVA's vision predictor, trained on an embedded VLM (``mmlab train-tiny --dynamic``).
+"""Dynamic-LLaVA's predictors: the vision predictor trained on an embedded VLM (``mmlab train-tiny --dynamic``),
+the output-text predictor on the frozen SmolLM2 (``mmlab train-tiny --dynamic-text``, ``train_dynamic_text``:
+the same recipe on windows whose last 128 tokens play the generated answer, keep rate 0.5).
 
 The recipe of the official code (Osilly/dynamic_llava, ``dynamic_modeling_llama.py`` and
 ``run/train_dynamic_llava_7b.sh``): at the sparse layer the predictor's keep / drop logits are sampled
