@@ -105,9 +105,11 @@ def cmd_eval(args) -> int:
     if not b.multimodal:
         from mmlab.data.text import offline_corpus
 
-        r = mmlab.perplexity(b, offline_corpus(), methods, window=args.window, max_windows=args.n_samples)
+        r = mmlab.perplexity(b, offline_corpus(), methods, window=args.window, context=args.context,
+                             max_windows=args.n_samples)
+        kept = {} if r.generated_kept != r.generated_kept else {"generated_kept": r.generated_kept}  # nan: none
         print(json.dumps({"model": args.model, "methods": [str(m) for m in methods], "perplexity": r.perplexity,
-                          "tokens": r.n_tokens, "kv_bytes": r.kv_bytes}, indent=1))
+                          "tokens": r.n_tokens, "kv_bytes": r.kv_bytes, **kept}, indent=1))
         return 0
     samples = mmlab.data.shapes(n=args.n_samples, seed=args.seed, split="test")
     r = mmlab.evaluate(b, samples, methods)
@@ -269,6 +271,9 @@ def parser() -> argparse.ArgumentParser:
                    help="test questions (multimodal models) or perplexity windows of --window tokens (text LMs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test questions drawn")
     p.add_argument("--window", type=int, default=512, help="perplexity window in tokens (text LMs)")
+    p.add_argument("--context", type=int, help="text LMs: prefill this many tokens of each window (methods compress "
+                                              "there) and score the rest as a continuation, decoded token by token "
+                                              "under decode-time methods (default: the whole window in one prefill)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("reproduce", help="the main job on the embedded defaults")

@@ -238,7 +238,8 @@ def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512,
     decoding = [m.name for ms in lists for m in ms if m.acts_in_decode_layers()]
     if decoding and context is None:
         raise MethodError(f"{decoding[0]} acts while decoding, and context=None scores the whole window from one "
-                          f"prefill; give perplexity a context (e.g. context={window // 2}) so the rest is decoded")
+                          f"prefill; give a context (perplexity(context={window // 2}) or mmlab eval --context "
+                          f"{window // 2}) so the rest is decoded")
     shared = [k for k, ms in enumerate(lists) if not any(needs_swap(m) for m in ms)]
     acc = {k: [] for k in range(len(lists))}  # per list: (nll sum, tokens, kv bytes, prefill ms) per window
     out: list = [None] * len(lists)

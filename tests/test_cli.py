@@ -75,3 +75,13 @@ def test_bundle_repr_is_one_line_and_run_accepts_names():
     assert by_name.image_tokens_per_layer() == by_object.image_tokens_per_layer()
     with pytest.raises(mmlab.MethodError, match="methods must be"):
         mmlab.run(b, s, 3)
+
+
+def test_eval_decodes_the_continuation_for_a_decode_method(capsys):
+    spec = "dynamic_llava_decode(random_keep=0.5)"
+    assert main(["eval", "--model", "smollm2-135m", "--method", spec, "--n-samples", "1", "--window", "96"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "acts while decoding" in err and "\n" not in err  # no --context: nothing would be decoded
+    assert main(["eval", "--model", "smollm2-135m", "--method", spec, "--n-samples", "1", "--window", "96",
+                 "--context", "64"]) == 0
+    assert '"generated_kept"' in capsys.readouterr().out
