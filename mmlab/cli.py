@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 import time
 
@@ -107,7 +108,7 @@ def cmd_eval(args) -> int:
 
         r = mmlab.perplexity(b, offline_corpus(), methods, window=args.window, context=args.context,
                              max_windows=args.n_samples)
-        kept = {} if r.generated_kept != r.generated_kept else {"generated_kept": r.generated_kept}  # nan: none
+        kept = {} if math.isnan(r.generated_kept) else {"generated_kept": r.generated_kept}
         print(json.dumps({"model": args.model, "methods": [str(m) for m in methods], "perplexity": r.perplexity,
                           "tokens": r.n_tokens, "kv_bytes": r.kv_bytes, **kept}, indent=1))
         return 0

@@ -484,8 +484,8 @@ def generation(bundle, text: str, configs: list, *, n_prompts: int = 8, prompt: 
             if isinstance(tr, MethodError):
                 raise tr
             traces[k].append(tr)
-    rows = [{"method": _describe(c)[0], **_describe(c)[1], **_generation_row(trs, traces[0])}
-            for c, trs in zip(points, traces)]
+    rows = [{"method": label, **params, **_generation_row(trs, traces[0])}
+            for (label, params), trs in zip(map(_describe, points), traces)]
     df = pd.DataFrame(rows)
     for col, ratio in [("kv_bytes_final", "kv_ratio"), ("decode_tflops", "decode_flops_ratio"),
                        ("decode_tflops_nocache", "decode_flops_ratio_nocache")]:

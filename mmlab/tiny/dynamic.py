@@ -86,11 +86,38 @@ def policy_forward(lm, embeds: torch.Tensor, predictor: torch.nn.Module, span: s
     return lm.norm(h), keep
 
 
-def _schedule(opt, steps: int):
-    """The official schedule: warmup over 3 % of the steps, then cosine to zero."""
+def optimise(predictor: torch.nn.Module, step_loss, *, steps: int, lr: float, keep_rate: float, desc: str,
+             smooth: float = 0.98, log_every: int = 25) -> tuple[float, float]:
+    """The official optimisation of a predictor: AdamW (lr, no weight decay), warm-up over 3 % of the steps then
+    cosine, Gumbel temperature 1 -> 0.1 linear; ``step_loss(step, tau)`` returns (answer CE, decisions (B, n));
+    loss = CE + 100 x (``keep_rate`` - each sample's mean decision)^2. Returns the (EMA CE, EMA keep rate)."""
+    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
     warm = max(1, int(0.03 * steps))
-    return torch.optim.lr_scheduler.LambdaLR(
+    sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    ema, rate = None, None
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
+    for step in bar:
+        tau = 1.0 + (0.1 - 1.0) * step / max(1, steps - 1)
+        ce, keep = step_loss(step, tau)
+        loss = ce + MASK_LOSS_WEIGHT * ((keep_rate - keep.mean(1)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        ema = ce.item() if ema is None else smooth * ema + (1 - smooth) * ce.item()
+        rate = keep.mean().item() if rate is None else smooth * rate + (1 - smooth) * keep.mean().item()
+        if step % log_every == 0:
+            bar.set_postfix(ce=f"{ema:.3f}", keep=f"{rate:.3f}", tau=f"{tau:.2f}")
+    return ema, rate
+
+
+def save_predictor(predictor: torch.nn.Module, out: Path, stem: str, info: dict) -> Path:
+    """``stem``.pt (the weights) + ``stem``.json (``info`` and the predictor's dims) in ``out``; returns ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(predictor.state_dict(), out / f"{stem}.pt")
+    (out / f"{stem}.json").write_text(json.dumps({"dims": predictor.dims, **info}, indent=1))
+    return out
 
 
 def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_size: int = 32, lr: float = 2e-4,
@@ -108,15 +135,10 @@ def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_s
     torch.manual_seed(seed)
     d = model.config.text_config.hidden_size
     predictor = VisionPredictor(d, d_model=d_model, heads=8, ff=4 * d_model).train()
-    n_layers = len(model.model.language_model.layers)
-    layer = round(SPARSE_LAYER * n_layers)
-    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
-    sched = _schedule(opt, steps)
+    layer = round(SPARSE_LAYER * len(model.model.language_model.layers))
     system, n_img = getattr(model.config, "mmlab_system_prompt", None), model.config.image_seq_length
-    t0, ema, rate = time.time(), None, None
-    bar = tqdm(range(steps), desc=f"train-tiny --dynamic {model_name}", mininterval=5)
-    for step in bar:
-        tau = 1.0 + (0.1 - 1.0) * step / max(1, steps - 1)  # official gumbel tau 1 -> 0.1, linear
+
+    def step_loss(step: int, tau: float):
         ids, labels, px, _, image_index = make_batch(tokenizer, range(step * (batch_size // 4), (step + 1)
                                                                       * (batch_size // 4)), seed + 11, n_img, system)
         where = torch.nonzero(ids[0] == model.config.image_token_id).flatten()
@@ -125,25 +147,16 @@ def train_dynamic(model_name: str = "tiny-llava-deep", steps: int = 600, batch_s
             embeds = image_embeds(model, ids, image_features(model, px)[image_index])
         hidden, keep = policy_forward(model.model.language_model, embeds, predictor, img, layer, tau)
         logits = model.lm_head(hidden)
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        mask_loss = ((VISION_KEEP_RATE - keep.mean(1)) ** 2).mean()
-        loss = ce + MASK_LOSS_WEIGHT * mask_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema = ce.item() if ema is None else 0.98 * ema + 0.02 * ce.item()
-        rate = keep.mean().item() if rate is None else 0.98 * rate + 0.02 * keep.mean().item()
-        if step % 25 == 0:
-            bar.set_postfix(ce=f"{ema:.3f}", keep=f"{rate:.3f}", tau=f"{tau:.2f}")
-    out = Path(out or CHECKPOINT_DIR / model_name)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(predictor.state_dict(), out / "dynamic_llava.pt")
-    info = {"model": model_name, "dims": predictor.dims, "layer": layer, "sparse_layer_fraction": SPARSE_LAYER,
-            "vision_keep_rate": VISION_KEEP_RATE, "mask_loss_weight": MASK_LOSS_WEIGHT, "steps": steps,
-            "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1),
-            "final_ce": round(ema, 4), "final_keep_rate": round(rate, 4)}
-    (out / "dynamic_llava.json").write_text(json.dumps(info, indent=1))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)), keep
+
+    t0 = time.time()
+    ema, rate = optimise(predictor, step_loss, steps=steps, lr=lr, keep_rate=VISION_KEEP_RATE,
+                         desc=f"train-tiny --dynamic {model_name}")
+    out = save_predictor(predictor, Path(out or CHECKPOINT_DIR / model_name), "dynamic_llava", {
+        "model": model_name, "layer": layer, "sparse_layer_fraction": SPARSE_LAYER,
+        "vision_keep_rate": VISION_KEEP_RATE, "mask_loss_weight": MASK_LOSS_WEIGHT, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1),
+        "final_ce": round(ema, 4), "final_keep_rate": round(rate, 4)})
     print(f"trained the Dynamic-LLaVA predictor on {model_name}: {steps} steps in {time.time() - t0:.0f} s, "
           f"answer CE {ema:.4f}, keep rate {rate:.3f} -> {out}")
     return out
@@ -176,36 +189,24 @@ def train_dynamic_text(model_name: str = "smollm2-135m", steps: int = 150, batch
     lm = model.model
     predictor = TextPredictor(model.config.hidden_size, d_model=d_model).train()
     layer = round(SPARSE_LAYER * len(lm.layers))
-    opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
-    sched = _schedule(opt, steps)
     windows = torch.stack(calibration_windows(bundle.tokenizer, steps * batch_size, prompt + answer, "mixed"))
     span = slice(prompt, prompt + answer)
-    t0, ema, rate = time.time(), None, None
-    bar = tqdm(range(steps), desc=f"train-tiny --dynamic-text {model_name}", mininterval=5)
-    for step in bar:
-        tau = 1.0 + (0.1 - 1.0) * step / max(1, steps - 1)
+
+    def step_loss(step: int, tau: float):
         ids = windows[step * batch_size:(step + 1) * batch_size]
         hidden, keep = policy_forward(lm, lm.embed_tokens(ids), predictor, span, layer, tau)
         logits = model.lm_head(hidden[:, prompt - 1:-1])  # the answer's tokens, predicted
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, prompt:].reshape(-1))
-        loss = ce + MASK_LOSS_WEIGHT * ((OUTPUT_TEXT_KEEP_RATE - keep.mean(1)) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema = ce.item() if ema is None else 0.95 * ema + 0.05 * ce.item()
-        rate = keep.mean().item() if rate is None else 0.95 * rate + 0.05 * keep.mean().item()
-        if step % 10 == 0:
-            bar.set_postfix(ce=f"{ema:.3f}", keep=f"{rate:.3f}", tau=f"{tau:.2f}")
-    out = Path(out or CHECKPOINT_DIR / model_name)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(predictor.state_dict(), out / "dynamic_llava_text.pt")
-    info = {"model": model_name, "dims": predictor.dims, "layer": layer, "sparse_layer_fraction": SPARSE_LAYER,
-            "output_text_keep_rate": OUTPUT_TEXT_KEEP_RATE, "mask_loss_weight": MASK_LOSS_WEIGHT, "steps": steps,
-            "batch_size": batch_size, "prompt": prompt, "answer": answer, "data": "calibration_windows(mixed)",
-            "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1), "final_ce": round(ema, 4),
-            "final_keep_rate": round(rate, 4)}
-    (out / "dynamic_llava_text.json").write_text(json.dumps(info, indent=1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, prompt:].reshape(-1)), keep
+
+    t0 = time.time()
+    ema, rate = optimise(predictor, step_loss, steps=steps, lr=lr, keep_rate=OUTPUT_TEXT_KEEP_RATE,
+                         desc=f"train-tiny --dynamic-text {model_name}", smooth=0.95, log_every=10)
+    out = save_predictor(predictor, Path(out or CHECKPOINT_DIR / model_name), "dynamic_llava_text", {
+        "model": model_name, "layer": layer, "sparse_layer_fraction": SPARSE_LAYER,
+        "output_text_keep_rate": OUTPUT_TEXT_KEEP_RATE, "mask_loss_weight": MASK_LOSS_WEIGHT, "steps": steps,
+        "batch_size": batch_size, "prompt": prompt, "answer": answer, "data": "calibration_windows(mixed)",
+        "lr": lr, "seed": seed, "seconds": round(time.time() - t0, 1), "final_ce": round(ema, 4),
+        "final_keep_rate": round(rate, 4)})
     print(f"trained the Dynamic-LLaVA output-text predictor on {model_name}: {steps} steps in {time.time() - t0:.0f} "
           f"s, answer CE {ema:.4f}, keep rate {rate:.3f} -> {out}")
     return out
