@@ -35,8 +35,12 @@ def cmd_info(args) -> int:
     print(f"threads {torch.get_num_threads()}  cuda {torch.cuda.is_available()}")
     print(f"embedded models: {', '.join(EMBEDDED)}  (tiny checkpoints in {CHECKPOINT_DIR})")
     mod = [f"{n} (" + ("trained" if (CHECKPOINT_DIR / n / "routers.pt").exists()
-                       else f"not trained: mmlab train-tiny --mod {n.rsplit('-', 1)[1]}") + ")" for n in TINY_VARIANTS]
+                       else f"not trained: mmlab train-tiny --mod {n.rsplit('-', 1)[1]}") + ")"
+           for n in TINY_VARIANTS if n.endswith("mod")]
     print(f"tiny-llava with trained MoD routers (method mod_trained): {', '.join(mod)}")
+    dpn = ("trained" if (CHECKPOINT_DIR / "tiny-llava-dpn" / "dpn.pt").exists()
+           else "not trained: mmlab train-tiny --dpn")
+    print(f"tiny-llava-deep with trained DPN pooling routers (method dpn_experts): tiny-llava-dpn ({dpn})")
     for name in EMBEDDED:  # a checkpoint whose training is not finished says so
         info = CHECKPOINT_DIR / name / "training.json"
         status = json.loads(info.read_text()).get("status") if info.exists() else None
@@ -55,6 +59,13 @@ def cmd_train_tiny(args) -> int:
     from mmlab.tiny.train import train
 
     steps = {} if args.steps is None else {"steps": args.steps}
+    if args.dpn:  # fine-tune tiny-llava-deep with DPN's pooling routers -> tiny-llava-dpn
+        from mmlab.tiny.dpn import train_dpn
+
+        if args.model != "tiny-llava":
+            raise ValueError(f"--dpn fine-tunes tiny-llava-deep into tiny-llava-dpn; drop --model {args.model}")
+        train_dpn(**steps, batch_size=args.batch_size, seed=args.seed, routing=args.dpn, out=args.out)
+        return 0
     if args.mod and args.model != "tiny-llava":
         raise ValueError(f"--mod fine-tunes tiny-llava; it does not combine with --model {args.model}")
     if args.dynamic:  # Dynamic-LLaVA's vision predictor on the frozen model, saved beside its checkpoint
@@ -258,6 +269,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic-text", action="store_true",
                    help="instead: train Dynamic-LLaVA's output-text predictor on the frozen smollm2-135m (150 steps, "
                         "15 min), shipped with the package (method dynamic_llava_decode)")
+    p.add_argument("--dpn", nargs="?", const="router", choices=["router", "random"],
+                   help="instead: fine-tune tiny-llava-deep with DPN's pooling routers (sampled experts, hinge loss; "
+                        "600 steps, 10 min) -> tiny-llava-dpn (method dpn_experts); --dpn random: the official random-"
+                        "expert fine-tune (the control) -> tiny-llava-dpn-random")
     p.set_defaults(fn=cmd_train_tiny)
 
     p = sub.add_parser("eval", help="evaluate a model (VQA accuracy, or perplexity for a text LM)")

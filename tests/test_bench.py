@@ -259,12 +259,14 @@ def test_every_method_runs_in_bfloat16_and_bytes_follow_the_dtype():
     b16.model.to(torch.bfloat16)
     dense16 = mmlab.run(b16, s, [], max_new_tokens=2)
     assert dense16.kv_bytes * 2 == dense32.kv_bytes and dense16.prefill_flops == dense32.prefill_flops
-    fixed = {"snapkv": "snapkv(budget=0.5, window=4, kernel=1)"}
+    fixed = {"snapkv": "snapkv(budget=0.5, window=4, kernel=1)",
+             "dpn_experts": "dpn_experts(layers=(0.0, 0.34), kernels=((1, 2, 4), (1, 2)))"}  # 3 layers: 2 routers
     from mmlab.methods.kv_cache import TextPredictor
-    from mmlab.methods.token_pruning import VisionPredictor
+    from mmlab.methods.token_pruning import PoolingRouters, VisionPredictor
 
     b16.extras["dynamic_llava"] = VisionPredictor(b16.dims()["hidden"], d_model=32, ff=64).to(torch.bfloat16)
     b16.extras["dynamic_llava_text"] = TextPredictor(b16.dims()["hidden"], d_model=32).to(torch.bfloat16)
+    b16.extras["dpn"] = PoolingRouters(b16.dims()["hidden"], (0.0, 0.34), ((1, 2, 4), (1, 2))).to(torch.bfloat16)
     mmlab.visual_heads(b16, [s])  # yopo's head ranking, measured on the bfloat16 model
     for name in mmlab.methods.available():
         if name == "mod_trained":  # needs trained routers (tiny-llava-pmod / -gmod)

@@ -40,6 +40,7 @@ def test_info_lists_the_trained_mod_variants(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "tiny-llava-pmod" in out and "tiny-llava-gmod" in out
+    assert "tiny-llava-dpn (trained)" in out  # DPN's pooling routers ship
 
 
 def test_eval_composes_repeated_methods(capsys):
@@ -57,6 +58,8 @@ def test_eval_composes_repeated_methods(capsys):
     (["eval", "--method", "random", "--method", "h2o", "--param", "budget=0.5"],
      "--param sets the parameters of the one"),
     (["eval", "--method", "random(keep_ratio=1.5)"], "keep_ratio must be in (0, 1]"),
+    (["train-tiny", "--dpn", "--model", "smol-llava"], "--dpn fine-tunes tiny-llava-deep into tiny-llava-dpn"),
+    (["eval", "--model", "tiny-llava-deep", "--method", "dpn_experts"], "dpn_experts needs trained pooling routers"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, message):
     assert main(argv) == 2

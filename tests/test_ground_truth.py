@@ -23,6 +23,7 @@ NOOP = {
     "aim": {"keep_ratio": 1.0, "prune_from": 1.0, "prune_to": 2.0},
     "sparsevlm": {"keep_ratio": 1.0},
     "dpn": {"kernel": 1},
+    "dpn_experts": {"layers": ()},  # no pooling layer (it then needs no routers)
     "yopo": {"window": None, "head_keep": 1.0, "layer_cut": 1.0},
     "dynamic_llava": {"keep_ratio": 1.0},
     "dynamic_llava_decode": {"random_keep": 1.0},
@@ -97,7 +98,7 @@ def _sample(bundle, test_samples):
 
 # the matrix: every architecture x (no method + every method it can run at keep-everything)
 MATRIX = [(arch, name) for arch in ARCHITECTURES for name in ["none", *sorted(NOOP)]
-          if name != "mod_trained" and not (name in ("pool", "dpn") and arch in NO_GRID)
+          if name != "mod_trained" and not (name in ("pool", "dpn", "dpn_experts") and arch in NO_GRID)
           and not (arch in TEXT_ARCHITECTURES and name != "none" and get(name).needs_image)]
 
 

@@ -33,7 +33,8 @@ SMALLER = {"02_kv_merging.ipynb": {"needle_lengths": [256], "needle_depths": [0.
                                      "torchao_check": False},
            "07_yopo.ipynb": {"windows": [3], "head_keeps": [0.5], "layer_cuts": [0.5], "n_calibration": 2},
            "08_dynamic_llava.ipynb": {"n_samples": 2, "prompt": 32, "max_new_tokens": 6, "window": 64, "context": 56,
-                                      "n_windows": 1, "rates": []}}
+                                      "n_windows": 1, "rates": []},
+           "09_dpn.ipynb": {"static_kernels": [2]}}
 
 
 # what each notebook hands to its sweep: scalar metrics, and the tasks of its recorded table
@@ -49,7 +50,8 @@ RECORDS = {"00_baseline.ipynb": ({"accuracy", "tflops", "kv_bytes", "acc_color",
            "05_explorer.ipynb": (set(), set()),
            "06_benchmarks.ipynb": (set(), {"mmlab_shapes"}),
            "07_yopo.ipynb": ({"dense_accuracy"}, {"cuts", "heads"}),
-           "08_dynamic_llava.ipynb": ({"dense_perplexity", "dense_perplexity_prose"}, {"generation", "perplexity"})}
+           "08_dynamic_llava.ipynb": ({"dense_perplexity", "dense_perplexity_prose"}, {"generation", "perplexity"}),
+           "09_dpn.ipynb": ({"dense_accuracy", "router_accuracy"}, {"grid", "routing"})}
 
 
 CELL_TIMEOUT = 900  # seconds per cell: a lost kernel reply fails the test instead of hanging CI

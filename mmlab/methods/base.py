@@ -199,16 +199,26 @@ class Method:
         """Check the parameters against the model (depth, modality) before a run; raise MethodError.
         Weight methods are validated with ``ctx=None`` before calibration."""
         self.check()  # a field may have been changed since construction
-        for key, (what, hint) in self.requires.items():
-            if ctx is not None and key not in ctx.extras and not self.keeps_everything():
-                raise MethodError(f"{self.name} needs {what} and {ctx.model_name!r} has none; {hint}")
+        if ctx is not None:
+            self.check_extras(ctx.model_name, ctx.extras)
         if self.needs_image and not ctx.has_image:
             raise MethodError(f"{self.name} prunes visual tokens but this input has no image "
                               f"(model {ctx.model_name!r}); use it with a multimodal model and an image sample")
 
+    def check_extras(self, model_name: str, extras: dict) -> None:
+        """Refuse, in one line, a setting that needs checkpoint extras (``requires``) the model lacks; callable
+        before any run (``evaluate`` does, so a refusal comes before the first sample)."""
+        for key, (what, hint) in self.requires.items():
+            if key not in extras and self.uses_extras():
+                raise MethodError(f"{self.name} needs {what} and {model_name!r} has none; {hint}")
+
     def keeps_everything(self) -> bool:
-        """True at a setting that changes nothing (it then runs without the extras it ``requires``)."""
+        """True at a setting that changes nothing."""
         return False
+
+    def uses_extras(self) -> bool:
+        """False at a setting that runs without the extras it ``requires`` (default: a keep-everything one)."""
+        return not self.keeps_everything()
 
     def for_model(self, wctx: WeightContext) -> "Method":
         """The method as it runs on this model's linears (a weight quantizer may adapt a parameter

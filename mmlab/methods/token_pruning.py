@@ -604,22 +604,156 @@ class DPN(VisualTokenMethod):
             ctx.scratch["dpn_grid"] = ctx.image_grid
         if layer - 1 not in self.stages(ctx.n_layers) or self.kernel == 1:
             return
-        rows, cols = ctx.scratch["dpn_grid"]
-        img = torch.nonzero(tokens.is_image).flatten()
-        if img.numel() % (rows * cols):
-            raise MethodError(f"dpn: {img.numel()} visual tokens do not form whole {rows}x{cols} grids; combine it "
-                              f"only with methods that keep every image's grid (e.g. pool, or none before it)")
-        if rows * cols < self.min_tokens or min(rows, cols) < self.kernel:
+        if dpn_grid_size(ctx, tokens, self.name) >= self.min_tokens:
+            pool_grids(ctx, tokens, self.kernel, self.pooling)
+
+
+def dpn_grid_size(ctx, tokens, name: str) -> int:
+    """Tokens in each image's current grid (``ctx.scratch["dpn_grid"]``); refuses a run whose visual tokens
+    no longer form whole grids."""
+    rows, cols = ctx.scratch["dpn_grid"]
+    n_img = int(tokens.is_image.sum())
+    if n_img % (rows * cols):
+        raise MethodError(f"{name}: {n_img} visual tokens do not form whole {rows}x{cols} grids; combine it "
+                          f"only with methods that keep every image's grid (e.g. pool, or none before it)")
+    return rows * cols
+
+
+def pool_grids(ctx, tokens, kernel: int, pooling: str) -> None:
+    """Pool every image's row-major grid of live visual tokens with ``kernel`` x ``kernel`` windows at stride
+    ``kernel`` (``F.max_pool2d`` / ``avg_pool2d`` layout; a grid narrower than the kernel is left alone);
+    updates ``ctx.scratch["dpn_grid"]``. Text passes untouched."""
+    rows, cols = ctx.scratch["dpn_grid"]
+    if kernel == 1 or min(rows, cols) < kernel:
+        return
+    img = torch.nonzero(tokens.is_image).flatten()
+    rep, window, ctx.scratch["dpn_grid"] = grid_pool_map(rows, cols, kernel)
+    into = torch.full((len(tokens),), -1, dtype=torch.long, device=img.device)
+    text = torch.nonzero(~tokens.is_image).flatten()
+    into[text], kept = text, [text]
+    for block in img.view(-1, rows * cols):  # one image's grid, row-major
+        cell = window.to(block.device)
+        into[block[cell >= 0]] = block[rep.to(block.device)][cell[cell >= 0]]
+        kept.append(block[rep.to(block.device)])
+    tokens.keep(torch.cat(kept), merged_into=into, reduce="amax" if pooling == "max" else "mean")
+
+
+class PoolingRouter(torch.nn.Module):
+    """DPN's router (official aihao2000/DPN-LLaVA ``PoolingRouter``, v1): LayerNorm -> Linear(d, d/4, no bias)
+    -> GELU -> Linear(d/4, experts, no bias) (Kaiming-uniform, torch's default); one per pooling layer."""
+
+    def __init__(self, d: int, n_experts: int):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, d // 4, bias=False),
+                                       torch.nn.GELU(), torch.nn.Linear(d // 4, n_experts, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d) router-token hidden states -> (..., experts) expert probabilities: softmax(logits / 10)."""
+        return torch.softmax(self.mlp(x).float() / 10, -1)
+
+
+class PoolingRouters(torch.nn.Module):
+    """The routers of DPN's pooling layers, with the schedule they were trained for: ``layers`` (fractions of
+    depth) and ``kernels`` (each layer's experts, kernel 1 = no pooling)."""
+
+    def __init__(self, d: int, layers: tuple, kernels: tuple):
+        super().__init__()
+        self.dims = {"d": d, "layers": list(layers), "kernels": [list(k) for k in kernels]}
+        self.layers, self.kernels = tuple(layers), tuple(tuple(k) for k in kernels)
+        self.routers = torch.nn.ModuleList(PoolingRouter(d, len(k)) for k in kernels)
+
+
+DPN_KERNELS = ((1, 2, 4), (1, 2, 4), (1, 2))  # official experts at layers 7, 15 (1, 2, 4) and 23 (1, 2) of 32
+
+
+@register
+@dataclass
+class DPNExperts(VisualTokenMethod):
+    """DPN's dynamic pooling experts (Ai et al., 2025): a trained router per pooling layer picks the kernel.
+
+    Rule (official ``pooling_type="adaptive"``, inference): after each pooling layer a router on the last
+    prompt token's hidden state gives p = softmax(logits / 10) over its experts; the argmax expert's kernel
+    max-pools every image's grid (kernel 1: no pooling) and the visual tokens are multiplied by that p; a
+    grid of fewer than 16 tokens is left alone. ``routing="random"``: a uniform expert per layer (seeded);
+    with ``scale=False`` that is the official ``pooling_type="random"``, with ``scale=True`` (our control) the
+    drawn expert's router probability still scales, so only the choice differs. The routers ship with
+    ``tiny-llava-dpn`` (``mmlab train-tiny --dpn``); ``layers=()`` pools nothing.
+    """
+
+    name: ClassVar[str] = "dpn_experts"
+    knob: ClassVar[str | None] = None
+    requires: ClassVar[dict] = {"dpn": ("trained pooling routers", "load tiny-llava-dpn (it ships them) or train "
+                                        "them: mmlab train-tiny --dpn")}
+    layers: tuple = (7 / 32, 15 / 32, 23 / 32)
+    kernels: tuple = DPN_KERNELS
+    pooling: str = "max"
+    min_tokens: int = 16
+    routing: str = "router"
+    scale: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.layers:
+            check_depth_fractions(self.name, self.layers)
+        if (len(self.kernels) != len(self.layers) and self.layers) or not all(
+                k and all(isinstance(x, int) and x >= 1 for x in k) for k in self.kernels):
+            raise MethodError(f"dpn_experts: kernels must give each pooling layer its experts (integers >= 1), "
+                              f"got kernels={self.kernels!r} for layers={self.layers!r}")
+        if self.pooling not in ("max", "avg") or self.routing not in ("router", "random") or not isinstance(
+                self.scale, bool):
+            raise MethodError(f"dpn_experts: pooling must be 'max' or 'avg', routing 'router' or 'random' and scale "
+                              f"True or False, got pooling={self.pooling!r}, routing={self.routing!r}, "
+                              f"scale={self.scale!r}")
+
+    def keeps_everything(self) -> bool:
+        return not self.layers
+
+    def uses_extras(self) -> bool:
+        return bool(self.layers) and (self.routing == "router" or self.scale)
+
+    def validate(self, ctx) -> None:
+        super().validate(ctx)
+        if ctx.image_grid is None:
+            raise MethodError(f"dpn_experts pools the visual-token grid, and {ctx.model_name!r} has none")
+        if len(set(self.stages(ctx.n_layers))) != len(self.layers):
+            raise MethodError(f"dpn_experts: layers {self.layers!r} fall on fewer distinct layers of "
+                              f"{ctx.model_name!r}'s {ctx.n_layers}")
+        r = ctx.extras.get("dpn") if self.uses_extras() else None
+        if r is not None and (tuple(self.layers), tuple(map(tuple, self.kernels))) != (r.layers, r.kernels):
+            raise MethodError(f"dpn_experts: {ctx.model_name!r}'s routers were trained for layers={r.layers} and "
+                              f"kernels={r.kernels}; got layers={self.layers!r}, kernels={self.kernels!r}")
+
+    def stages(self, n_layers: int) -> list[int]:
+        """The layers whose output is pooled, in order (one router each)."""
+        return [min(n_layers - 2, round(f * n_layers)) for f in self.layers]
+
+    def before_layer(self, ctx, layer, tokens):
+        if layer == 0:
+            ctx.scratch["dpn_grid"] = ctx.image_grid
+            ctx.trace.extra["dpn_kernels"] = []
+        stages = self.stages(ctx.n_layers)
+        if layer - 1 not in stages or dpn_grid_size(ctx, tokens, self.name) < self.min_tokens:
             return
-        rep, window, ctx.scratch["dpn_grid"] = grid_pool_map(rows, cols, self.kernel)
-        into = torch.full((len(tokens),), -1, dtype=torch.long, device=img.device)
-        text = torch.nonzero(~tokens.is_image).flatten()
-        into[text], kept = text, [text]
-        for block in img.view(-1, rows * cols):  # one image's grid, row-major
-            cell = window.to(block.device)
-            into[block[cell >= 0]] = block[rep.to(block.device)][cell[cell >= 0]]
-            kept.append(block[rep.to(block.device)])
-        tokens.keep(torch.cat(kept), merged_into=into, reduce="amax" if self.pooling == "max" else "mean")
+        i = stages.index(layer - 1)
+        expert, p = self.choose(ctx, i, tokens.hidden[0, -1])
+        pool_grids(ctx, tokens, self.kernels[i][expert], self.pooling)
+        if p is not None:  # the chosen expert's probability scales the visual tokens (the router's gradient path)
+            scale = torch.where(tokens.is_image, p.to(tokens.hidden.dtype), torch.ones((), dtype=tokens.hidden.dtype))
+            tokens.hidden = tokens.hidden * scale[None, :, None]
+        ctx.trace.extra["dpn_kernels"].append((layer - 1, self.kernels[i][expert]))
+
+    def choose(self, ctx, i: int, router_token: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """Stage ``i``'s expert and the probability that scales the visual tokens (None: no scaling)."""
+        if self.routing == "random":
+            gen = torch.Generator().manual_seed(self.seed * 1009 + ctx.sample_index * 31 + i)
+            expert = int(torch.randint(len(self.kernels[i]), (1,), generator=gen))
+        if not self.uses_extras():
+            return expert, None
+        router = ctx.extras["dpn"].routers[i]
+        probs = router(router_token.to(next(router.parameters()).dtype))
+        if self.routing == "router":
+            expert = int(probs.argmax())
+        return expert, probs[expert] if self.scale else None
 
 
 # YOPO's LLaVA-1.5-13B setting (official zhaowt61/YOPO_MLLM_Pruning_fork, ``finetune_yopo.sh`` and
