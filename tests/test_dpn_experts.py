@@ -167,6 +167,15 @@ def test_shipped_tiny_llava_dpn_routes(test_samples):
     assert tr.extra["dpn_kernels"] and tr.answer
 
 
+def test_composes_with_kv_compression_and_weight_quantization(test_samples):
+    """The pooled pyramid's layers hold different lengths; SnapKV's budget then applies per layer, over W4 weights."""
+    b = mmlab.load("tiny-llava-dpn")
+    tr = mmlab.run(b, test_samples[0], "dpn_experts+snapkv(budget=0.5, window=4)+rtn(bits=4, group_size=32)")
+    assert tr.answer and tr.extra["weight_bits"] < 5 and tr.extra["dpn_kernels"]
+    assert tr.kv_lengths_final == [n // 2 for n in tr.kv_lengths_prefill]
+    assert tr.kv_lengths_prefill[-1] < tr.kv_lengths_prefill[0]  # pooled after an early layer
+
+
 def test_train_dpn_end_to_end(tmp_path):
     from mmlab.models import load_pooling_routers
 
