@@ -28,7 +28,8 @@ own layer's package base); imports point one way and never in a circle
     bench                     lmms-eval / lm-eval models over the engine, answer costs, mmlab's lmms-eval tasks
                               (imports its harness only when used; ``import mmlab`` never does)
     report, batch, testing    report figures / tables from collected sweeps, sweeps, tiny random models
-    tiny                      embedded-model training (tiny-llava from scratch; smol-llava around the real SmolLM2)
+    tiny                      embedded-model training (tiny-llava from scratch; smol-llava around the real SmolLM2;
+                              the trained MoD, Dynamic-LLaVA and DPN variants)
     cli                       the command line
 """
 

@@ -1,7 +1,8 @@
 """DPN's dynamic pooling experts trained into tiny-llava-deep (``mmlab train-tiny --dpn`` -> ``tiny-llava-dpn``).
 
 The official recipe (aihao2000/DPN-LLaVA: ``llava_hr/hack/forward.py`` ``unbatch_pooling``, ``loss.py``,
-``model.py`` ``PoolingRouter``, ``scripts/v1_5/train_dpn_llava.sh``), read 2026-12-07:
+``model.py`` ``PoolingRouter``, ``llava_hr/model/language_model/llava_llama.py`` (the total loss),
+``scripts/v1_5/train_dpn_llava.sh``), read 2026-12-07:
 
 * after each pooling layer (7, 15, 23 of 32; ``pooling_location="post"``) a router on one token's hidden
   state gives p = softmax(logits / 10) over the layer's experts (kernels 1, 2, 4; 1, 2 at the last);
