@@ -567,7 +567,9 @@ def _generate(bundle, p: Prefill, methods, logits: torch.Tensor, next_pos: torch
             if step == max_new - 1:
                 break
             t = time.perf_counter()
-            token = _decode_step(bundle.adapter, p, methods, step, token, next_pos)
+            logits = _decode_step(bundle.adapter, p, methods, step, token, next_pos)
+            p.trace.step_logits.append(logits.cpu())
+            token = int(logits.argmax())
             next_pos = next_pos + 1
             step_ms.append((time.perf_counter() - t) * 1e3)
     p.trace.answer_ids = ids
@@ -577,14 +579,14 @@ def _generate(bundle, p: Prefill, methods, logits: torch.Tensor, next_pos: torch
         p.trace.timings["decode_ms_per_token"] = float(torch.tensor(step_ms).median())
 
 
-def _decode_step(adapter, p: Prefill, methods, step: int, token: int, position: torch.Tensor) -> int:
+def _decode_step(adapter, p: Prefill, methods, step: int, token: int, position: torch.Tensor) -> torch.Tensor:
+    """One decode step: the ``decode_step`` stages, then ``token`` at ``position`` through every layer after
+    the cache (``decode_layer`` stages inside); its (vocab,) logits."""
     for m in methods:
         m.decode_step(p.ctx, step, p.cache)
     p.trace.decode_kv_lengths.append([n + 1 for n in p.cache.lengths()])
     h = adapter.embed(torch.tensor([[token]], device=position.device))
-    logits = adapter.logits(_forward(adapter, h, position, p.cache, p.ctx, methods))[-1]
-    p.trace.step_logits.append(logits.cpu())
-    return int(logits.argmax())
+    return adapter.logits(_forward(adapter, h, position, p.cache, p.ctx, methods))[-1]
 
 
 class NewToken:
@@ -627,15 +629,9 @@ def continuation(bundle, p: Prefill, methods, input_ids: torch.Tensor) -> torch.
 def teacher_forced(bundle, p: Prefill, methods, input_ids: torch.Tensor) -> torch.Tensor:
     """Feed ``input_ids`` (1, q) after the prefill ``p`` one token at a time through the decode stages (as
     generation would, so decode-time methods act); returns (q, vocab) logits. For perplexity."""
-    out, pos = [], p.next_position
     with torch.inference_mode():
-        for j in range(input_ids.shape[1]):
-            for m in methods:
-                m.decode_step(p.ctx, j, p.cache)
-            p.trace.decode_kv_lengths.append([n + 1 for n in p.cache.lengths()])
-            h = bundle.adapter.embed(input_ids[:, j:j + 1])
-            out.append(bundle.adapter.logits(_forward(bundle.adapter, h, pos + j, p.cache, p.ctx, methods))[-1])
-    return torch.stack(out)
+        return torch.stack([_decode_step(bundle.adapter, p, methods, j, int(t), p.next_position + j)
+                            for j, t in enumerate(input_ids[0].tolist())])
 
 
 @torch.inference_mode()

@@ -177,24 +177,26 @@ def load_routers(path: Path):
     return r.eval()
 
 
+def _load_trained(path: Path, stem: str, cls):
+    """A trained module shipped beside a checkpoint: ``stem``.pt (its weights) + ``stem``.json (its ``dims``,
+    the constructor's arguments)."""
+    module = cls(**json.loads((path / f"{stem}.json").read_text())["dims"])
+    module.load_state_dict(torch.load(path / f"{stem}.pt", weights_only=True))
+    return module.eval()
+
+
 def load_predictor(path: Path):
     """Dynamic-LLaVA's trained vision predictor shipped beside a checkpoint (``mmlab train-tiny --dynamic``)."""
     from mmlab.methods.token_pruning import VisionPredictor
 
-    info = json.loads((path / "dynamic_llava.json").read_text())
-    p = VisionPredictor(**info["dims"])
-    p.load_state_dict(torch.load(path / "dynamic_llava.pt", weights_only=True))
-    return p.eval()
+    return _load_trained(path, "dynamic_llava", VisionPredictor)
 
 
 def load_pooling_routers(path: Path):
     """DPN's trained pooling routers shipped beside a checkpoint (``mmlab train-tiny --dpn``)."""
     from mmlab.methods.token_pruning import PoolingRouters
 
-    dims = json.loads((path / "dpn.json").read_text())["dims"]
-    r = PoolingRouters(dims["d"], tuple(dims["layers"]), tuple(map(tuple, dims["kernels"])))
-    r.load_state_dict(torch.load(path / "dpn.pt", weights_only=True))
-    return r.eval()
+    return _load_trained(path, "dpn", PoolingRouters)
 
 
 def load_text_predictor(path: Path) -> dict:
@@ -204,9 +206,7 @@ def load_text_predictor(path: Path) -> dict:
 
     if not (path / "dynamic_llava_text.pt").exists():
         return {}
-    p = TextPredictor(**json.loads((path / "dynamic_llava_text.json").read_text())["dims"])
-    p.load_state_dict(torch.load(path / "dynamic_llava_text.pt", weights_only=True))
-    return {"dynamic_llava_text": p.eval()}
+    return {"dynamic_llava_text": _load_trained(path, "dynamic_llava_text", TextPredictor)}
 
 
 def _load_tiny(name: str) -> Bundle:

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import mmlab
-from mmlab.methods.token_pruning import DPN_KERNELS, PoolingRouters
-from mmlab.tiny.dpn import DPN_LAYERS, choose_expert, dpn_forward, hinge_loss, pool_sample, train_dpn
+from mmlab.methods.token_pruning import DPN_KERNELS, DPN_LAYERS, PoolingRouters
+from mmlab.tiny.dpn import choose_expert, dpn_forward, hinge_loss, pool_sample, train_dpn
 
 get = mmlab.methods.get
 

@@ -552,6 +552,17 @@ class SparseVLM(VisualTokenMethod):
         tokens.keep(torch.cat([text, kept]), merged_into=into)
 
 
+# DPN's official schedule (aihao2000/DPN-LLaVA ``hack_llava``): pooling after layers 7, 15, 23 of 32, with the
+# experts (kernels) 1, 2, 4 at the first two and 1, 2 at the last
+DPN_LAYERS = (7 / 32, 15 / 32, 23 / 32)
+DPN_KERNELS = ((1, 2, 4), (1, 2, 4), (1, 2))
+
+
+def pooling_layers(fractions, n_layers: int) -> list[int]:
+    """DPN's pooling layers at ``fractions`` of depth, in order and one per fraction (so never the last one)."""
+    return [min(n_layers - 2, round(f * n_layers)) for f in fractions]
+
+
 def grid_pool_map(rows: int, cols: int, k: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """k x k windows at stride k over a row-major rows x cols grid, as ``F.max_pool2d`` lays them out
     (trailing rows / columns that do not fill a window are dropped). Returns the representative (top-left
@@ -578,7 +589,7 @@ class DPN(VisualTokenMethod):
 
     name: ClassVar[str] = "dpn"
     knob: ClassVar[str | None] = None  # the pyramid is set by kernel and layers, not a keep ratio
-    layers: tuple = (7 / 32, 15 / 32, 23 / 32)
+    layers: tuple = DPN_LAYERS
     kernel: int = 2
     pooling: str = "max"
     min_tokens: int = 16
@@ -663,9 +674,6 @@ class PoolingRouters(torch.nn.Module):
         self.routers = torch.nn.ModuleList(PoolingRouter(d, len(k)) for k in kernels)
 
 
-DPN_KERNELS = ((1, 2, 4), (1, 2, 4), (1, 2))  # official experts at layers 7, 15 (1, 2, 4) and 23 (1, 2) of 32
-
-
 @register
 @dataclass
 class DPNExperts(VisualTokenMethod):
@@ -684,7 +692,7 @@ class DPNExperts(VisualTokenMethod):
     knob: ClassVar[str | None] = None
     requires: ClassVar[dict] = {"dpn": ("trained pooling routers", "load tiny-llava-dpn (it ships them) or train "
                                         "them: mmlab train-tiny --dpn")}
-    layers: tuple = (7 / 32, 15 / 32, 23 / 32)
+    layers: tuple = DPN_LAYERS
     kernels: tuple = DPN_KERNELS
     pooling: str = "max"
     min_tokens: int = 16
@@ -725,7 +733,7 @@ class DPNExperts(VisualTokenMethod):
 
     def stages(self, n_layers: int) -> list[int]:
         """The layers whose output is pooled, in order (one router each)."""
-        return [min(n_layers - 2, round(f * n_layers)) for f in self.layers]
+        return pooling_layers(self.layers, n_layers)
 
     def before_layer(self, ctx, layer, tokens):
         if layer == 0:

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mmlab.methods.token_pruning import DPN_KERNELS, PoolingRouters
+from mmlab.methods.token_pruning import DPN_KERNELS, DPN_LAYERS, PoolingRouters, pooling_layers
+from mmlab.tiny.train import warmup_cosine
 
-DPN_LAYERS = (7 / 32, 15 / 32, 23 / 32)
 HINGE_SCALES = (0.0, 1.0, 2.0)  # experts 0, 1, 2 (official ``scales``)
 HINGE_MARGIN, HINGE_WEIGHT = 1.5, 1e-3
 MIN_TOKENS = 16  # a grid with fewer visual tokens is never pooled
@@ -93,7 +93,7 @@ def dpn_forward(model, embeds: torch.Tensor, labels: torch.Tensor, routers: Pool
     Returns (final hidden (B, n, d), realigned labels (B, n), router states [(p, expert)])."""
     lm = model.model.language_model
     b, n, _ = embeds.shape
-    stages = [min(len(lm.layers) - 2, round(f * len(lm.layers))) for f in routers.layers]
+    stages = pooling_layers(routers.layers, len(lm.layers))
     h, pos, lab, grids, states = embeds, torch.arange(n).expand(b, -1), labels, [grid] * b, []
     for i, layer in enumerate(lm.layers):
         out = layer(h, attention_mask=None, position_ids=pos, position_embeddings=lm.rotary_emb(h, pos))
@@ -162,9 +162,7 @@ def train_dpn(steps: int = 600, batch_size: int = 32, lr: float = 2e-4, router_l
     routers = PoolingRouters(model.config.text_config.hidden_size, DPN_LAYERS, DPN_KERNELS).train()
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": lr},
                              {"params": routers.parameters(), "lr": router_lr}], weight_decay=0.0)
-    warm = max(1, int(0.03 * steps))  # official: warm-up ratio 0.03, cosine
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps, max(1, int(0.03 * steps)))  # official: warm-up ratio 0.03, cosine
     n_img, system = model.config.image_seq_length, model.config.mmlab_system_prompt
     side = math.isqrt(n_img)
     t0, ema, log = time.time(), None, []

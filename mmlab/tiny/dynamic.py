@@ -15,7 +15,6 @@ saved beside its checkpoint (``dynamic_llava.pt`` + ``.json``) and loaded into `
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmlab.methods.token_pruning import VisionPredictor
+from mmlab.tiny.train import warmup_cosine
 
 VISION_KEEP_RATE = 0.2  # official vision_keep_rate
 MASK_LOSS_WEIGHT = 100.0
@@ -92,9 +92,7 @@ def optimise(predictor: torch.nn.Module, step_loss, *, steps: int, lr: float, ke
     cosine, Gumbel temperature 1 -> 0.1 linear; ``step_loss(step, tau)`` returns (answer CE, decisions (B, n));
     loss = CE + 100 x (``keep_rate`` - each sample's mean decision)^2. Returns the (EMA CE, EMA keep rate)."""
     opt = torch.optim.AdamW(predictor.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, int(0.03 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps, max(1, int(0.03 * steps)))
     ema, rate = None, None
     bar = tqdm(range(steps), desc=desc, mininterval=5)
     for step in bar:

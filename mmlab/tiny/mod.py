@@ -22,7 +22,6 @@ same number of tokens per sample.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: f
 
     from mmlab.arch.tiny_llava import CHECKPOINT_DIR
     from mmlab.tiny.model import build_tokenizer
-    from mmlab.tiny.train import image_features, make_batch, quick_accuracy
+    from mmlab.tiny.train import image_features, make_batch, quick_accuracy, warmup_cosine
 
     if kind not in ("pmod", "gmod"):
         raise ValueError(f"--mod must be pmod or gmod, got {kind!r}")
@@ -96,7 +95,7 @@ def train_mod(kind: str = "pmod", steps: int = 1500, batch_size: int = 32, lr: f
     routers = Routers(hidden, ratios, shared=kind == "gmod")
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": lr},
                              {"params": routers.parameters(), "lr": router_lr}], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps)
     n_img = model.config.image_seq_length
     img = slice(3, 3 + n_img)  # "<s> user :" then the image run, in every prompt
     t0, ema = time.time(), None

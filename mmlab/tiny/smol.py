@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mmlab.arch.smol_llava import LORA_TARGETS, build, prompt_text, turn
 from mmlab.arch.tiny_llava import CHECKPOINT_DIR, pixel_values
 from mmlab.data.shapes import COLORS, SHAPES, make_sample, patch_labels, scene_with_all_questions
-from mmlab.tiny.train import image_embeds, image_features
+from mmlab.tiny.train import image_embeds, image_features, warmup_cosine
 
 
 class LoRA(torch.nn.Module):
@@ -109,7 +109,7 @@ def align_projector(model, tok, steps: int, images: int, lr: float, seed: int) -
     emb = model.get_input_embeddings().weight.detach()
     proj = model.model.multi_modal_projector
     opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps)
     for step in tqdm(range(steps), desc="smol-llava stage 1 (projector -> word embeddings)", mininterval=10):
         scenes = [scene_with_all_questions(20_000_000 + step * images + i, seed, "train") for i in range(images)]
         with torch.no_grad():
@@ -174,9 +174,7 @@ def train(lm_dir: Path, steps: int = 1000, images_per_step: int = 4, lr: float =
               {"params": list(model.model.multi_modal_projector.parameters()), "lr": lr},
               {"params": [p for m in loras.values() for p in (m.lora_A, m.lora_B)], "lr": lr}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 30)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps, max(1, steps // 30))
     state_file, start, ema, spent, losses, history = out / "train_state.pt", 0, None, 0.0, [], []
     if state_file.exists():
         st = torch.load(state_file, weights_only=False)

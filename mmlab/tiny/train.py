@@ -22,6 +22,13 @@ from mmlab.data.shapes import COLORS, IMAGE_SIZE, SHAPES, make_sample, patch_lab
 from mmlab.tiny.model import PATCH, build_model, build_tokenizer
 
 
+def warmup_cosine(opt, steps: int, warmup: int = 0):
+    """Linear warm-up over ``warmup`` steps (none: 0), then cosine decay to 0 at ``steps``: the schedule of every
+    mmlab training."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (min(1.0, (s + 1) / warmup) if warmup else 1.0)
+                                             * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
 def encode_qa(tokenizer, pairs, n_image_tokens: int, system: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(question, answer) pairs -> input ids and labels (loss on the answer + ``</s>`` only)."""
     ids, labels = [], []
@@ -128,7 +135,7 @@ def pretrain_vision(model, probe, steps: int, images_per_step: int, lr: float, s
     params = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(),
               *probe.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps)
     for step in tqdm(range(steps), desc="train-tiny (stage 1: vision)", mininterval=5):
         scenes = [scene_with_questions(10_000_000 + i, seed, "train")
                   for i in range(step * images_per_step, (step + 1) * images_per_step)]
@@ -166,9 +173,7 @@ def train(steps: int = 4000, batch_size: int = 32, lr: float = 1e-3, vision_step
         pretrain_vision(model, probe, vision_steps, batch_size, vision_lr, seed)
     opt = torch.optim.AdamW(list(model.parameters()) + list(probe.parameters()), lr=lr, weight_decay=0.01,
                             betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps, max(1, steps // 20))
     ema = None
     bar = tqdm(range(steps), desc="train-tiny (stage 2: VQA)", mininterval=5)
     for step in bar:
